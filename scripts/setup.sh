@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of the project's virtual environment (.venv).
+# torch is installed first from the pinned CPU wheel: a bare `torch` requirement would pull a
+# multi-GB CUDA build. Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+STAMP=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+rm -f "$VENV"/.installed-*
+touch "$STAMP"
+echo "set-up done: $VENV"

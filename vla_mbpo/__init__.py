@@ -1,0 +1,1 @@
+"""vla-mbpo: the command line that ties the packages together (see `vla-mbpo --help`)."""
