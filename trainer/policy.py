@@ -1,0 +1,209 @@
+"""The small VLA policy: images of both views + the instruction's UTF-8 bytes -> a binned action chunk.
+
+Each of the chunk's `chunk_size * action_dim` action values is a categorical over `num_bins` evenly
+spaced values in [-1, 1], so the log-probability of a chunk is an exact sum of log-softmax terms (what
+PPO's ratio needs). The critic is an MLP on the trunk's pooled features with a stop-gradient, as in the
+paper: value regression never moves the features the actor uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.config import PolicyConfig
+
+POLICY_WEIGHTS = "policy.safetensors"
+POLICY_CONFIG = "policy_config.json"
+BYTE_PAD = 0  # byte b is embedded as b + 1 so 0 can mean "no byte"
+
+
+class PolicyInputError(ValueError):
+    """Observations or actions whose shape, dtype or range does not match the policy config."""
+
+
+@dataclass(frozen=True)
+class PolicyBatch:
+    """A batch of policy inputs as tensors."""
+
+    head: torch.Tensor  # [B, H, W, 3] uint8
+    wrist: torch.Tensor  # [B, H, W, 3] uint8
+    instruction: torch.Tensor  # [B, L] int64, byte + 1, 0 = padding
+
+    def __len__(self) -> int:
+        return int(self.head.shape[0])
+
+    def index(self, idx: torch.Tensor) -> PolicyBatch:
+        return PolicyBatch(self.head[idx], self.wrist[idx], self.instruction[idx])
+
+
+def encode_instructions(instructions: list[str], max_bytes: int) -> torch.Tensor:
+    """UTF-8 bytes of each instruction, shifted by one and right-padded with 0. Returns [B, max_bytes] int64."""
+    out = torch.zeros((len(instructions), max_bytes), dtype=torch.int64)
+    for i, text in enumerate(instructions):
+        data = text.encode("utf-8")
+        if not data:
+            raise PolicyInputError(f"instruction {i} is empty")
+        if len(data) > max_bytes:
+            raise PolicyInputError(f"instruction {i} has {len(data)} UTF-8 bytes > max_instruction_bytes={max_bytes}")
+        out[i, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64) + 1
+    return out
+
+
+def make_batch(head: np.ndarray, wrist: np.ndarray, instructions: list[str], config: PolicyConfig) -> PolicyBatch:
+    """Checks and converts numpy observations ([B, H, W, 3] uint8 per view) and instructions to a PolicyBatch."""
+    size = config.image_size
+    for name, images in (("head", head), ("wrist", wrist)):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise PolicyInputError(f"{name} images must be uint8 [B, {size}, {size}, 3], "
+                                   f"got {images.dtype} {list(images.shape)}")
+    if not head.shape[0] == wrist.shape[0] == len(instructions):
+        raise PolicyInputError(f"batch sizes differ: head {head.shape[0]}, wrist {wrist.shape[0]}, "
+                               f"instructions {len(instructions)}")
+    return PolicyBatch(torch.from_numpy(np.ascontiguousarray(head)), torch.from_numpy(np.ascontiguousarray(wrist)),
+                       encode_instructions(instructions, config.max_instruction_bytes))
+
+
+def actions_to_bins(actions: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Nearest bin of each action value. [B, k, d] float in [-1, 1] (clipped) -> [B, k * d] int64."""
+    clipped = actions.clamp(-1.0, 1.0).reshape(actions.shape[0], -1)
+    return torch.round((clipped + 1.0) * 0.5 * (num_bins - 1)).to(torch.int64)
+
+
+def bins_to_actions(bins: torch.Tensor, config: PolicyConfig) -> torch.Tensor:
+    """Bin centres. [B, k * d] int64 -> [B, k, d] float32 in [-1, 1]."""
+    values = bins.to(torch.float32) * (2.0 / (config.num_bins - 1)) - 1.0
+    return values.reshape(bins.shape[0], config.chunk_size, config.action_dim)
+
+
+def chunk_log_prob(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Exact log-probability of whole chunks: sum over action dims. logits [B, D, nb], bins [B, D] -> [B]."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def chunk_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the factorised chunk distribution (sum over action dims). [B, D, nb] -> [B]."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1).sum(-1)
+
+
+def sample_bins(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0) -> torch.Tensor:
+    """Draws one bin per action dim. logits [B, D, nb] -> [B, D] int64."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.reshape(probs.shape[:-1])
+
+
+class ImageEncoder(nn.Module):
+    """A strided CNN shared by all views: [N, H, W, 3] uint8 -> [N, image_feature_dim]."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for out_channels in config.conv_channels:
+            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        side = config.image_size // (2 ** len(config.conv_channels))
+        self.project = nn.Linear(in_channels * side * side, config.image_feature_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0) - 0.5  # [N, 3, H, W]
+        return F.relu(self.project(self.convs(x).flatten(1)))
+
+
+class InstructionEncoder(nn.Module):
+    """Byte embedding + a 1-D conv, masked mean and max pooling: [B, L] int64 -> [B, text_feature_dim]."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(257, config.text_embed_dim, padding_idx=BYTE_PAD)
+        self.conv = nn.Conv1d(config.text_embed_dim, config.text_embed_dim, kernel_size=5, padding=2)
+        self.project = nn.Linear(2 * config.text_embed_dim, config.text_feature_dim)
+
+    def forward(self, instruction: torch.Tensor) -> torch.Tensor:
+        mask = (instruction != BYTE_PAD).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+        x = F.relu(self.conv(self.embed(instruction).transpose(1, 2))).transpose(1, 2)  # [B, L, E]
+        mean = (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        peak = x.masked_fill(mask == 0, float("-inf")).amax(1).clamp_min(0.0)  # relu features are >= 0
+        return F.relu(self.project(torch.cat([mean, peak], dim=-1)))
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    logits: torch.Tensor  # [B, chunk_size * action_dim, num_bins]
+    values: torch.Tensor  # [B]
+
+
+class VlaPolicy(nn.Module):
+    """Actor (binned action chunk) and critic (stop-gradient MLP) over images + instruction."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.instruction_encoder = InstructionEncoder(config)
+        fused = config.num_views * config.image_feature_dim + config.text_feature_dim
+        self.trunk = nn.Sequential(nn.Linear(fused, config.hidden_dim), nn.ReLU(),
+                                   nn.Linear(config.hidden_dim, config.hidden_dim), nn.ReLU())
+        self.action_head = nn.Linear(config.hidden_dim, config.num_action_tokens * config.num_bins)
+        self.critic = nn.Sequential(nn.Linear(config.hidden_dim, config.critic_hidden_dim), nn.ReLU(),
+                                    nn.Linear(config.critic_hidden_dim, 1))
+
+    def features(self, batch: PolicyBatch) -> torch.Tensor:
+        """Pooled trunk features. -> [B, hidden_dim]"""
+        n = len(batch)
+        images = torch.cat([batch.head, batch.wrist], dim=0)  # [2B, H, W, 3]: one CNN pass for both views
+        image_features = self.image_encoder(images)  # [2B, F]
+        per_view = torch.cat([image_features[:n], image_features[n:]], dim=-1)  # [B, 2F]
+        return self.trunk(torch.cat([per_view, self.instruction_encoder(batch.instruction)], dim=-1))
+
+    def forward(self, batch: PolicyBatch) -> PolicyOutput:
+        features = self.features(batch)
+        logits = self.action_head(features).reshape(len(batch), self.config.num_action_tokens, self.config.num_bins)
+        values = self.critic(features.detach()).squeeze(-1)  # stop-gradient into the backbone (PAPER.md)
+        return PolicyOutput(logits=logits, values=values)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("critic.")]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+    @torch.no_grad()
+    def act(self, batch: PolicyBatch, generator: torch.Generator | None = None, greedy: bool = False,
+            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chooses action chunks. Returns (actions [B, k, d], bins [B, D], log_probs [B], values [B])."""
+        out = self(batch)
+        bins = out.logits.argmax(-1) if greedy else sample_bins(out.logits, generator, temperature)
+        return bins_to_actions(bins, self.config), bins, chunk_log_prob(out.logits, bins), out.values
+
+
+def save_policy(policy: VlaPolicy, directory: Path, metadata: dict | None = None) -> None:
+    """Writes policy.safetensors + policy_config.json (config and free-form metadata) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in policy.state_dict().items()}
+    save_file(state, str(directory / POLICY_WEIGHTS))
+    payload = {"config": asdict(policy.config), "metadata": metadata or {}}
+    (directory / POLICY_CONFIG).write_text(json.dumps(payload, indent=2))
+
+
+def load_policy(directory: Path) -> tuple[VlaPolicy, dict]:
+    """Reads a policy written by `save_policy`. Returns (policy in eval mode, metadata)."""
+    config_path, weights_path = directory / POLICY_CONFIG, directory / POLICY_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a policy checkpoint: needs {POLICY_CONFIG} and {POLICY_WEIGHTS}")
+    payload = json.loads(config_path.read_text())
+    policy = VlaPolicy(PolicyConfig(**payload["config"]))
+    policy.load_state_dict(load_file(str(weights_path)))
+    policy.eval()
+    return policy, payload.get("metadata", {})

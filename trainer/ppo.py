@@ -1,0 +1,161 @@
+"""Chunk-level GAE and the clipped PPO losses (pure functions), plus the learner that applies them.
+
+One "step" here is one action chunk: the reward of a step is the model's (or env's) binary success after
+the chunk, `gamma` discounts per chunk (PAPER.md: 0.99 per chunk), and the critic bootstraps a branch
+that ends without success. Shapes: B rows (branches or envs), T chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import PPOConfig
+from trainer.policy import PolicyBatch, VlaPolicy, chunk_entropy, chunk_log_prob
+
+
+def next_values_from(values: torch.Tensor, bootstrap: torch.Tensor) -> torch.Tensor:
+    """V(s_{t+1}) for each step of a branch: values shifted left, the branch-end value last. [B, T], [B] -> [B, T]."""
+    return torch.cat([values[:, 1:], bootstrap.unsqueeze(1)], dim=1)
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                episode_end: torch.Tensor, valid: torch.Tensor, gamma: float,
+                gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over chunks.
+
+    rewards, values, next_values: [B, T] float; terminated (success latched: no bootstrap), episode_end
+    (terminated or truncated: stop propagating), valid (the step was taken): [B, T] bool.
+    delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t);
+    A_t = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}. Invalid steps get A = 0, return = 0.
+    Returns (advantages [B, T], returns [B, T]).
+    """
+    if not rewards.shape == values.shape == next_values.shape == terminated.shape == episode_end.shape == valid.shape:
+        raise ValueError(f"GAE inputs must share one [B, T] shape, got rewards {list(rewards.shape)}, values "
+                         f"{list(values.shape)}, next_values {list(next_values.shape)}, terminated "
+                         f"{list(terminated.shape)}, episode_end {list(episode_end.shape)}, valid {list(valid.shape)}")
+    not_terminal = 1.0 - terminated.to(values.dtype)
+    carries = 1.0 - episode_end.to(values.dtype)
+    deltas = rewards + gamma * next_values * not_terminal - values
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + gamma * gae_lambda * carries[:, t] * running
+        advantages[:, t] = running
+    mask = valid.to(values.dtype)
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def normalize_advantages(advantages: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit (population) std over the valid entries; invalid entries become 0."""
+    selected = advantages[valid]
+    if selected.numel() == 0:
+        return torch.zeros_like(advantages)
+    mean = selected.mean()
+    std = selected.std(unbiased=False)
+    return torch.where(valid, (advantages - mean) / (std + eps), torch.zeros_like(advantages))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+@dataclass(frozen=True)
+class ActorLoss:
+    loss: torch.Tensor  # scalar, to minimise
+    clip_fraction: torch.Tensor  # scalar: share of valid steps whose ratio left [1 - clip, 1 + clip]
+    approx_kl: torch.Tensor  # scalar: mean of (ratio - 1) - log ratio, the k3 estimator
+
+
+def ppo_actor_loss(new_log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                   valid: torch.Tensor, clip_ratio: float) -> ActorLoss:
+    """Clipped surrogate, both sides: -mean(min(r A, clip(r, 1 - c, 1 + c) A)) over valid steps."""
+    log_ratio = new_log_probs - old_log_probs
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), valid)
+    with torch.no_grad():
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_ratio).to(ratio.dtype), valid)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, valid)
+    return ActorLoss(loss=loss, clip_fraction=clip_fraction, approx_kl=approx_kl)
+
+
+def ppo_critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor,
+                    value_clip: float, huber_delta: float) -> torch.Tensor:
+    """Huber loss with value clipping: mean over valid of max(H(V - R), H(V_old + clip(V - V_old) - R))."""
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    loss_unclipped = F.huber_loss(values, returns, reduction="none", delta=huber_delta)
+    loss_clipped = F.huber_loss(clipped_values, returns, reduction="none", delta=huber_delta)
+    return masked_mean(torch.maximum(loss_unclipped, loss_clipped), valid)
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Valid chunk steps of a refill, flattened: what one PPO refill trains on (N steps)."""
+
+    observations: PolicyBatch  # N observations
+    bins: torch.Tensor  # [N, D] int64: the chosen action bins
+    old_log_probs: torch.Tensor  # [N]
+    old_values: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N], not yet normalised
+    returns: torch.Tensor  # [N]
+
+    def __len__(self) -> int:
+        return int(self.bins.shape[0])
+
+
+class PPOLearner:
+    """AdamW with separate actor/critic learning rates; `updates_per_refill` minibatch steps per refill."""
+
+    def __init__(self, policy: VlaPolicy, config: PPOConfig, seed: int = 0) -> None:
+        self.policy = policy
+        self.config = config
+        self.actor_params = policy.actor_parameters()
+        self.critic_params = policy.critic_parameters()
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.actor_params, "lr": config.actor_lr},
+             {"params": self.critic_params, "lr": config.critic_lr}],
+            weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """Runs the refill's gradient steps; returns the mean of each loss statistic over them."""
+        if len(batch) == 0:
+            raise ValueError("PPO refill has no valid steps")
+        everything = torch.ones(len(batch), dtype=torch.bool)
+        advantages = normalize_advantages(batch.advantages, everything)
+        self.policy.train()
+        totals: dict[str, float] = {}
+        for _ in range(self.config.updates_per_refill):
+            size = min(self.config.minibatch_size, len(batch))
+            idx = torch.randperm(len(batch), generator=self.generator)[:size]
+            stats = self._step(batch, idx, advantages[idx])
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+        self.policy.eval()
+        return {key: value / self.config.updates_per_refill for key, value in totals.items()}
+
+    def _step(self, batch: RolloutBatch, idx: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+        out = self.policy(batch.observations.index(idx))
+        valid = torch.ones(idx.shape[0], dtype=torch.bool)
+        actor = ppo_actor_loss(chunk_log_prob(out.logits, batch.bins[idx]), batch.old_log_probs[idx], advantages,
+                               valid, self.config.clip_ratio)
+        critic = ppo_critic_loss(out.values, batch.old_values[idx], batch.returns[idx], valid,
+                                 self.config.value_clip, self.config.huber_delta)
+        entropy = chunk_entropy(out.logits).mean()
+        loss = actor.loss + critic - self.config.entropy_coef * entropy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Clip each head on its own: the critic's large early Huber gradients must not shrink the actor's step.
+        actor_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, self.config.max_grad_norm)
+        critic_norm = torch.nn.utils.clip_grad_norm_(self.critic_params, self.config.max_grad_norm)
+        self.optimizer.step()
+        return {"actor_loss": float(actor.loss.detach()), "critic_loss": float(critic.detach()),
+                "clip_fraction": float(actor.clip_fraction), "approx_kl": float(actor.approx_kl),
+                "entropy": float(entropy.detach()), "actor_grad_norm": float(actor_norm),
+                "critic_grad_norm": float(critic_norm)}
