@@ -1,0 +1,254 @@
+"""Vectorised torch implementations for the CPU engine: the same contract as kernels/reference.py, fast.
+
+No Python loop over tokens. Sequences with few queries (decode, a cascade prefix shared by its branches)
+run as one padded batch: their KV blocks are gathered by block table with advanced indexing and each
+(sequence, kv head) does one masked matmul for all its queries and grouped query heads. Only long
+prefill chunks run one sequence at a time, where the matmul is big enough on its own.
+
+The cascade path is where branching wins: the queries of all branches of a prefix meet the prefix's
+K/V in one [branches * q, prefix_len] matmul (the prefix is read once), each branch then attends to its
+short suffix, and the two parts are merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import check_attention_inputs, check_cascade_inputs, check_merge_inputs, check_store_kv_inputs
+
+# Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
+SHORT_SEGMENT_MAX_QUERIES = 16
+# Bytes of gathered K/V + scores one padded batch may hold; bigger batches are cut into chunks of sequences.
+BATCH_MEMORY_BUDGET_BYTES = 256 * 2**20
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # int64 [num_tokens], < 0 = padding
+) -> None:
+    """Scatter K/V rows into their cache slots in one indexed write; padding slots are skipped."""
+    check_store_kv_inputs(key, value, k_cache, v_cache, slot_mapping)
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache[slots // block_size, slots % block_size] = key[valid]
+    v_cache[slots // block_size, slots % block_size] = value[valid]
+
+
+def _plan_batches(q_lens: list[int]) -> list[tuple[list[int], int]]:
+    """Groups of sequence ids that run as one padded batch, each with its padded query count.
+
+    One batch when padding at most doubles the work; otherwise the short segments form one batch and
+    every long segment (a prefill chunk) runs alone.
+    """
+    active = [seq for seq, q_len in enumerate(q_lens) if q_len > 0]
+    if not active:
+        return []
+    max_q = max(q_lens[seq] for seq in active)
+    if len(active) * max_q <= 2 * sum(q_lens[seq] for seq in active):
+        return [(active, max_q)]
+    short = [seq for seq in active if q_lens[seq] <= SHORT_SEGMENT_MAX_QUERIES]
+    batches = [(short, max(q_lens[seq] for seq in short))] if short else []
+    return batches + [([seq], q_lens[seq]) for seq in active if q_lens[seq] > SHORT_SEGMENT_MAX_QUERIES]
+
+
+def _attend_batch(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [n, max_blocks] (rows of this batch)
+    seq_lens: torch.Tensor,  # int64 [n]
+    q_starts: torch.Tensor,  # int64 [n]
+    q_lens: torch.Tensor,  # int64 [n]
+    first_keys: torch.Tensor,  # int64 [n]
+    max_q: int,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of n sequences padded to max_q queries: (token ids [m], out [m, H, D], lse [m, H])
+    for the m real query rows."""
+    n = seq_lens.shape[0]
+    num_heads, head_dim = query.shape[1:]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    device = query.device
+
+    # Gather only the blocks that hold keys in [first_key, seq_len).
+    first_blocks = first_keys // block_size
+    num_needed = (seq_lens + block_size - 1) // block_size - first_blocks
+    num_gathered = max(int(num_needed.max()), 1)
+    block_ids = (first_blocks[:, None] + torch.arange(num_gathered, device=device)).clamp(
+        max=block_tables.shape[1] - 1
+    )
+    blocks = torch.gather(block_tables.long(), 1, block_ids)  # [n, num_gathered]
+    num_keys = num_gathered * block_size
+    # [n, kv_heads, num_keys, D]: one gathered copy per sequence, in float32 for the matmuls
+    keys = k_cache[blocks].reshape(n, num_keys, num_kv_heads, head_dim).transpose(1, 2).float()
+    values = v_cache[blocks].reshape(n, num_keys, num_kv_heads, head_dim).transpose(1, 2).float()
+    key_pos = first_blocks[:, None] * block_size + torch.arange(num_keys, device=device)  # [n, num_keys]
+
+    rows = torch.arange(max_q, device=device)
+    row_valid = rows[None, :] < q_lens[:, None]  # [n, max_q]
+    token_ids = (q_starts[:, None] + rows).clamp(max=query.shape[0] - 1)  # [n, max_q]
+    # [n, max_q, H, D] -> [n, kv_heads, max_q * group, D]: the query heads sharing a KV head become rows
+    queries = query[token_ids].float().reshape(n, max_q, num_kv_heads, group, head_dim)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(n, num_kv_heads, max_q * group, head_dim)
+
+    allowed = (key_pos >= first_keys[:, None]) & (key_pos < seq_lens[:, None])  # [n, num_keys]
+    allowed = allowed[:, None, :].expand(n, max_q, num_keys)
+    if causal:
+        q_pos = seq_lens[:, None] - q_lens[:, None] + rows  # [n, max_q]
+        allowed = allowed & (key_pos[:, None, :] <= q_pos[:, :, None])
+    allowed = allowed[:, None, :, None, :].expand(n, 1, max_q, group, num_keys).reshape(n, 1, max_q * group, -1)
+
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # [n, kv_heads, max_q * group, num_keys]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [n, kv_heads, max_q * group]
+    # A row that saw no key has lse -inf; subtract 0 instead so its probabilities are exp(-inf) = 0.
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(probs, values)  # [n, kv_heads, max_q * group, D]
+
+    out = out.reshape(n, num_kv_heads, max_q, group, head_dim).permute(0, 2, 1, 3, 4).reshape(n, max_q, num_heads, -1)
+    lse = lse.reshape(n, num_kv_heads, max_q, group).permute(0, 2, 1, 3).reshape(n, max_q, num_heads)
+    return token_ids[row_valid], out[row_valid], lse[row_valid]
+
+
+def _batch_chunk_size(max_q: int, num_keys: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    bytes_per_seq = 4 * num_keys * (2 * num_kv_heads * head_dim + 2 * max_q * num_heads)
+    return max(1, BATCH_MEMORY_BUDGET_BYTES // max(bytes_per_seq, 1))
+
+
+def paged_attention_with_lse(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # int32 [num_seqs]
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    scale: float,
+    kv_start: torch.Tensor | None = None,  # int32 [num_seqs], first key position attended (default 0)
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
+    """Partial paged attention over keys [kv_start, seq_len) (and <= the query position when causal)."""
+    check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    num_tokens, num_heads, head_dim = query.shape
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
+    q_starts = query_start_loc[:-1].long()
+    q_lens = query_start_loc[1:].long() - q_starts
+    first_keys = torch.zeros_like(q_lens) if kv_start is None else kv_start.long()
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    for seq_list, max_q in _plan_batches(q_lens.tolist()):
+        seq_ids = torch.tensor(seq_list, dtype=torch.long, device=query.device)
+        max_keys = int(seq_lens.max()) + block_size
+        chunk = _batch_chunk_size(max_q, max_keys, num_heads, num_kv_heads, head_dim)
+        for begin in range(0, len(seq_list), chunk):
+            ids = seq_ids[begin : begin + chunk]
+            token_ids, chunk_out, chunk_lse = _attend_batch(
+                query, k_cache, v_cache, block_tables[ids], seq_lens[ids].long(), q_starts[ids], q_lens[ids],
+                first_keys[ids], max_q, scale, causal,
+            )
+            out[token_ids] = chunk_out
+            lse[token_ids] = chunk_lse
+    return out, lse
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
+    """Causal paged attention of a ragged batch (see kernels/reference.py for the contract)."""
+    out, _ = paged_attention_with_lse(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    return out.to(query.dtype)
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    lse_a: torch.Tensor,  # float32 [num_tokens, num_heads]
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
+    """Exact attention over two disjoint key sets from each set's (out, lse)."""
+    check_merge_inputs(out_a, lse_a, out_b, lse_b)
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe_lse = torch.where(torch.isinf(lse), 0.0, lse)  # both sides empty: weights exp(-inf) = 0
+    weight_a = torch.exp(lse_a - safe_lse)[..., None]
+    weight_b = torch.exp(lse_b - safe_lse)[..., None]
+    return weight_a * out_a.float() + weight_b * out_b.float(), lse
+
+
+def group_queries_by_prefix(
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no prefix
+    num_prefixes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [m] sorted by prefix, prefix_query_start_loc int32 [num_prefixes + 1]) for the m query
+    tokens whose sequence has a shared prefix: the queries of all branches of prefix p become one segment."""
+    device = query_start_loc.device
+    num_seqs = seq_prefix_ids.shape[0]
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    num_tokens = int(query_start_loc[-1]) if num_seqs else 0
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)
+    token_prefix = seq_prefix_ids.long()[seq_of_token]  # [num_tokens]
+    has_prefix = token_prefix >= 0
+    sort_keys = torch.where(has_prefix, token_prefix, num_prefixes)
+    order = torch.sort(sort_keys, stable=True).indices
+    token_ids = order[: int(has_prefix.sum())]
+    counts = torch.bincount(token_prefix[has_prefix], minlength=num_prefixes)
+    prefix_query_start_loc = torch.zeros(num_prefixes + 1, dtype=torch.int32, device=device)
+    prefix_query_start_loc[1:] = torch.cumsum(counts, 0)
+    return token_ids, prefix_query_start_loc
+
+
+def suffix_starts(
+    prefix_lens: torch.Tensor,  # int32 [num_prefixes]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs]
+) -> torch.Tensor:  # int32 [num_seqs]
+    """The first key position each sequence attends through its own block table (its prefix length, or 0)."""
+    if prefix_lens.shape[0] == 0:
+        return torch.zeros_like(seq_prefix_ids)
+    lens = prefix_lens[seq_prefix_ids.clamp(min=0).long()]
+    return torch.where(seq_prefix_ids >= 0, lens, 0).to(torch.int32)
+
+
+def cascade_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # int32 [num_seqs]
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    prefix_block_tables: torch.Tensor,  # int32 [num_prefixes, max_prefix_blocks]
+    prefix_lens: torch.Tensor,  # int32 [num_prefixes]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no shared prefix
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
+    """Prefix pass (all branches of a prefix at once) + causal suffix pass, merged by log-sum-exp."""
+    check_cascade_inputs(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, prefix_block_tables, prefix_lens,
+        seq_prefix_ids,
+    )
+    num_prefixes = prefix_block_tables.shape[0]
+    token_ids, prefix_qsl = group_queries_by_prefix(query_start_loc, seq_prefix_ids, num_prefixes)
+    prefix_out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    prefix_lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
+    if token_ids.numel():
+        grouped_out, grouped_lse = paged_attention_with_lse(
+            query[token_ids], k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_qsl, scale, causal=False
+        )
+        prefix_out[token_ids] = grouped_out
+        prefix_lse[token_ids] = grouped_lse
+    suffix_out, suffix_lse = paged_attention_with_lse(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+        kv_start=suffix_starts(prefix_lens, seq_prefix_ids),
+    )
+    out, _ = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
+    return out.to(query.dtype)

@@ -1,0 +1,95 @@
+"""The vectorised torch path (the CPU engine's kernels) against the plain reference, and the reference's
+own cascade against its paged attention and against dense causal attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import TOLERANCES, independent, make_batch, shared
+
+from kernels import reference, torch_attention
+
+GRID = [
+    # (groups, block_size, num_kv_heads, group_size)
+    ([independent((1, 1), (7, 1), (16, 1), (33, 1))], 4, 2, 1),  # decode, partial last blocks
+    ([independent((9, 9), (20, 3), (5, 1), (40, 1))], 16, 1, 4),  # mixed prefill/decode, GQA 4
+    ([independent((50, 24), (3, 1), (30, 2))], 4, 2, 2),  # a long prefill chunk runs on its own
+    ([shared(6, (9, 1), (11, 2), (6, 0)), shared(8, (12, 1), (8, 0)), independent((5, 2))], 4, 1, 2),
+    ([shared(13, (20, 3), (14, 1), (30, 1)), shared(16, (17, 1))], 16, 2, 3),  # prefix ends mid-block
+]
+
+
+@pytest.mark.parametrize(("groups", "block_size", "num_kv_heads", "group_size"), GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_paged_attention_matches_reference(groups, block_size, num_kv_heads, group_size, dtype):
+    batch = make_batch(groups, block_size, num_kv_heads, group_size, head_dim=8, dtype=dtype, seed=1)
+    expected = reference.paged_attention(*batch.attention_args())
+    got = torch_attention.paged_attention(*batch.attention_args())
+    assert got.dtype == dtype and got.shape == batch.query.shape
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(("groups", "block_size", "num_kv_heads", "group_size"), GRID)
+def test_cascade_matches_paged_attention(groups, block_size, num_kv_heads, group_size):
+    batch = make_batch(groups, block_size, num_kv_heads, group_size, head_dim=8, seed=2)
+    expected = reference.paged_attention(*batch.attention_args())
+    tolerance = TOLERANCES[torch.float32]
+    torch.testing.assert_close(reference.cascade_attention(*batch.cascade_args()), expected, **tolerance)
+    torch.testing.assert_close(torch_attention.cascade_attention(*batch.cascade_args()), expected, **tolerance)
+
+
+def test_reference_equals_dense_causal_attention():
+    """One sequence whose blocks are shuffled: paged attention is causal SDPA on the unshuffled K/V."""
+    batch = make_batch([independent((11, 11))], block_size=4, num_kv_heads=2, group_size=2, head_dim=8, seed=3)
+    positions = torch.arange(11)
+    keys = reference.gather_positions(batch.k_cache, batch.block_tables[0], positions)  # [11, 2, 8]
+    values = reference.gather_positions(batch.v_cache, batch.block_tables[0], positions)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        batch.query.transpose(0, 1), keys.transpose(0, 1).repeat_interleave(2, 0),
+        values.transpose(0, 1).repeat_interleave(2, 0), is_causal=True, scale=batch.scale,
+    ).transpose(0, 1)
+    torch.testing.assert_close(reference.paged_attention(*batch.attention_args()), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_attention_lse_and_merge_are_exact():
+    """Splitting the keys at position 5 and merging the two partials gives the full attention and lse."""
+    batch = make_batch([independent((12, 3), (9, 1))], block_size=4, num_kv_heads=1, group_size=2, head_dim=8)
+    args = batch.attention_args()
+    full_out, full_lse = reference.paged_attention_with_lse(*args)
+    split = torch.tensor([5, 5], dtype=torch.int32)
+    # keys [0, 5): give every sequence seq_len 5 and no causal mask (all queries lie at positions >= 8)
+    head_out, head_lse = reference.paged_attention_with_lse(
+        batch.query, batch.k_cache, batch.v_cache, batch.block_tables, split, batch.query_start_loc, batch.scale,
+        causal=False,
+    )
+    tail_out, tail_lse = torch_attention.paged_attention_with_lse(*args, kv_start=split)
+    for merge in (reference.merge_attention_states, torch_attention.merge_attention_states):
+        out, lse = merge(head_out, head_lse, tail_out, tail_lse)
+        torch.testing.assert_close(out, full_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_two_empty_states_is_zero_with_lse_minus_inf():
+    out = torch.ones(2, 1, 4)
+    empty = torch.full((2, 1), float("-inf"))
+    for merge in (reference.merge_attention_states, torch_attention.merge_attention_states):
+        merged, lse = merge(out, empty, out, empty)
+        assert torch.equal(merged, torch.zeros(2, 1, 4))
+        assert torch.equal(lse, empty)
+        merged, lse = merge(out, torch.zeros(2, 1), 2 * out, empty)  # one side empty: the other wins exactly
+        assert torch.equal(merged, out) and torch.equal(lse, torch.zeros(2, 1))
+
+
+def test_torch_store_kv_matches_reference_and_skips_padding():
+    key = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)
+    slots = torch.tensor([5, -1, 0, 11], dtype=torch.int64)
+    caches = {impl: (torch.zeros(3, 4, 2, 3), torch.zeros(3, 4, 2, 3)) for impl in ("ref", "torch")}
+    reference.store_kv(key, -key, *caches["ref"], slots)
+    torch_attention.store_kv(key, -key, *caches["torch"], slots)
+    k_cache, v_cache = caches["torch"]
+    assert torch.equal(k_cache, caches["ref"][0]) and torch.equal(v_cache, caches["ref"][1])
+    assert torch.equal(k_cache[1, 1], key[0]) and torch.equal(k_cache[0, 0], key[2])
+    assert torch.equal(k_cache[2, 3], key[3]) and torch.equal(v_cache[2, 3], -key[3])
+    written = torch.zeros(3, 4, dtype=torch.bool)
+    written[1, 1] = written[0, 0] = written[2, 3] = True
+    assert not k_cache[~written].any() and not v_cache[~written].any()  # the padding token wrote nothing
