@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .prefix_groups import group_queries_by_prefix, suffix_starts
 from .validation import check_attention_inputs, check_cascade_inputs, check_merge_inputs, check_store_kv_inputs
 
 # Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
@@ -185,40 +186,6 @@ def merge_attention_states(
     return weight_a * out_a.float() + weight_b * out_b.float(), lse
 
 
-def group_queries_by_prefix(
-    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
-    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no prefix
-    num_prefixes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [m] sorted by prefix, prefix_query_start_loc int32 [num_prefixes + 1]) for the m query
-    tokens whose sequence has a shared prefix: the queries of all branches of prefix p become one segment."""
-    device = query_start_loc.device
-    num_seqs = seq_prefix_ids.shape[0]
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    num_tokens = int(query_start_loc[-1]) if num_seqs else 0
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)
-    token_prefix = seq_prefix_ids.long()[seq_of_token]  # [num_tokens]
-    has_prefix = token_prefix >= 0
-    sort_keys = torch.where(has_prefix, token_prefix, num_prefixes)
-    order = torch.sort(sort_keys, stable=True).indices
-    token_ids = order[: int(has_prefix.sum())]
-    counts = torch.bincount(token_prefix[has_prefix], minlength=num_prefixes)
-    prefix_query_start_loc = torch.zeros(num_prefixes + 1, dtype=torch.int32, device=device)
-    prefix_query_start_loc[1:] = torch.cumsum(counts, 0)
-    return token_ids, prefix_query_start_loc
-
-
-def suffix_starts(
-    prefix_lens: torch.Tensor,  # int32 [num_prefixes]
-    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs]
-) -> torch.Tensor:  # int32 [num_seqs]
-    """The first key position each sequence attends through its own block table (its prefix length, or 0)."""
-    if prefix_lens.shape[0] == 0:
-        return torch.zeros_like(seq_prefix_ids)
-    lens = prefix_lens[seq_prefix_ids.clamp(min=0).long()]
-    return torch.where(seq_prefix_ids >= 0, lens, 0).to(torch.int32)
-
-
 def cascade_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -237,15 +204,15 @@ def cascade_attention(
         seq_prefix_ids,
     )
     num_prefixes = prefix_block_tables.shape[0]
-    token_ids, prefix_qsl = group_queries_by_prefix(query_start_loc, seq_prefix_ids, num_prefixes)
-    prefix_out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    prefix_lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
-    if token_ids.numel():
-        grouped_out, grouped_lse = paged_attention_with_lse(
-            query[token_ids], k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_qsl, scale, causal=False
-        )
-        prefix_out[token_ids] = grouped_out
-        prefix_lse[token_ids] = grouped_lse
+    token_order, prefix_qsl = group_queries_by_prefix(query_start_loc, seq_prefix_ids, num_prefixes, query.shape[0])
+    # Tokens without a prefix sort last, outside every segment: they come back with out 0 and lse -inf.
+    grouped_out, grouped_lse = paged_attention_with_lse(
+        query[token_order], k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_qsl, scale, causal=False
+    )
+    prefix_out = torch.empty_like(grouped_out)
+    prefix_lse = torch.empty_like(grouped_lse)
+    prefix_out[token_order] = grouped_out
+    prefix_lse[token_order] = grouped_lse
     suffix_out, suffix_lse = paged_attention_with_lse(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
         kv_start=suffix_starts(prefix_lens, seq_prefix_ids),

@@ -1,0 +1,45 @@
+"""Cascade metadata shared by the torch and Triton cascade paths: which query tokens meet which prefix.
+
+Everything is computed with tensor ops on the batch's device and without a device-to-host sync, so the
+Triton path can run inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_queries_by_prefix(
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no prefix
+    num_prefixes: int,
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_order int64 [num_tokens], prefix_query_start_loc int32 [num_prefixes + 1]).
+
+    token_order lists the query tokens sorted by their sequence's prefix id (stable, so branches keep
+    batch order); the tokens of prefix p are token_order[prefix_query_start_loc[p]:prefix_query_start_loc[p+1]].
+    Tokens of sequences without a prefix come last, past prefix_query_start_loc[-1], in no segment.
+    """
+    device = query_start_loc.device
+    num_seqs = seq_prefix_ids.shape[0]
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)
+    token_prefix = seq_prefix_ids.long()[seq_of_token]  # [num_tokens]
+    sort_keys = torch.where(token_prefix >= 0, token_prefix, num_prefixes)
+    token_order = torch.sort(sort_keys, stable=True).indices
+    counts = torch.bincount(sort_keys, minlength=num_prefixes + 1)[:num_prefixes]
+    prefix_query_start_loc = torch.zeros(num_prefixes + 1, dtype=torch.int32, device=device)
+    prefix_query_start_loc[1:] = torch.cumsum(counts, 0)
+    return token_order, prefix_query_start_loc
+
+
+def suffix_starts(
+    prefix_lens: torch.Tensor,  # int32 [num_prefixes]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs]
+) -> torch.Tensor:  # int32 [num_seqs]
+    """The first key position each sequence attends through its own block table (its prefix length, or 0)."""
+    if prefix_lens.shape[0] == 0:
+        return torch.zeros_like(seq_prefix_ids)
+    lens = prefix_lens[seq_prefix_ids.clamp(min=0).long()]
+    return torch.where(seq_prefix_ids >= 0, lens, 0).to(torch.int32)
