@@ -108,15 +108,20 @@ class LeaseTable:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"client {client_id!r} holds {live} live states ({reserved} more reserved by calls in flight); "
                 f"{count} more would pass max_states_per_client={self.max_states_per_client}: release some")
-        self._reserved[client_id] = reserved + count
+        self._add_reserved(client_id, count)
         return Reservation(client_id, count)
 
     def unreserve(self, reservation: Reservation) -> None:
         """Returns the slots a finished call did not use."""
-        self._reserved[reservation.client_id] -= reservation.remaining
-        if not self._reserved[reservation.client_id]:
-            del self._reserved[reservation.client_id]
+        self._add_reserved(reservation.client_id, -reservation.remaining)
         reservation.remaining = 0
+
+    def _add_reserved(self, client_id: str, delta: int) -> None:
+        count = self._reserved.get(client_id, 0) + delta
+        if count:
+            self._reserved[client_id] = count
+        else:
+            self._reserved.pop(client_id, None)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def add(self, engine_id: int, depth: int, reservation: Reservation) -> str:
@@ -129,9 +134,7 @@ class LeaseTable:
         client_id = reservation.client_id
         self._leases[wire_id] = Lease(wire_id, engine_id, client_id, depth, self._clock())
         reservation.remaining -= 1
-        self._reserved[client_id] -= 1
-        if not self._reserved[client_id]:
-            del self._reserved[client_id]
+        self._add_reserved(client_id, -1)
         self._live[client_id] = self._live.get(client_id, 0) + 1
         return wire_id
 
