@@ -1,0 +1,142 @@
+"""Runs one scheduled step: builds the ragged batch's input tensors from the SchedulerOutput (numpy,
+no per-token Python), makes the copy-on-write block copies, runs the model, samples.
+
+The runner owns the model and the KV tensors; it never sees the block pool, only block ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+
+from .models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM
+from .sampler import DecodingPlan, SamplingBatch, sample, yes_probability
+from .scheduler import SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Cascade attention pays off once a prefix is shared by a few sequences and spans a block or more.
+CASCADE_MIN_GROUP = 2
+
+
+@dataclass
+class RunnerOutput:
+    """Per sampling sequence of the step (in SchedulerOutput.sample_indices order)."""
+
+    sampled: np.ndarray  # int64 [num_sampled]
+    success_probs: np.ndarray  # float32 [num_sampled]: P(<yes>) over {<yes>, <no>} at this position
+
+
+class ModelRunner:
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, num_blocks: int, block_size: int,
+                 plan: DecodingPlan, yes_id: int, no_id: int, device: str = "cpu", dtype: str = "float32",
+                 attention_backend: str = "auto", enable_cascade: bool = True) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.plan = plan
+        self.yes_id, self.no_id = yes_id, no_id
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.attention_backend = attention_backend
+        self.enable_cascade = enable_cascade
+        model = LlamaForCausalLM(config)
+        model.load_hf_weights(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.rope.to(torch.float32)  # cos/sin tables stay float32 (cast per step)
+        # [layers, K/V, num_blocks, block_size, kv_heads, head_dim]: one tensor, so a COW copy is one op.
+        self.kv_caches = torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads,
+                                     config.head_dim, dtype=self.dtype, device=self.device)
+        self.num_forward_tokens = 0
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.block_copies:
+            src, dst = (torch.tensor(ids, dtype=torch.long, device=self.device) for ids in zip(*out.block_copies,
+                                                                                                 strict=True))
+            self.kv_caches[:, :, dst] = self.kv_caches[:, :, src]
+        input_ids, positions, meta, logits_rows = self.prepare_inputs(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [num_tokens, hidden]
+        self.num_forward_tokens += int(input_ids.shape[0])
+        if not out.sample_indices:
+            return RunnerOutput(np.zeros(0, np.int64), np.zeros(0, np.float32))
+        logits = self.model.compute_logits(hidden[logits_rows])  # float32 [num_sampled, vocab]
+        tokens = sample(logits.cpu(), self.sampling_batch(out))
+        probs = yes_probability(logits, self.yes_id, self.no_id)
+        return RunnerOutput(tokens.numpy(), probs.cpu().numpy())
+
+    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                             torch.Tensor]:
+        """Flattens the step's tokens; positions, slots and block tables come from numpy arithmetic."""
+        seqs = out.seqs
+        num_new = np.asarray(out.num_scheduled_tokens, dtype=np.int64)  # [num_seqs]
+        computed = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=len(seqs))
+        seq_lens = computed + num_new
+        query_start_loc = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        token_ids = np.fromiter(
+            chain.from_iterable(seq.token_ids[c:c + n] for seq, c, n in zip(seqs, computed.tolist(),
+                                                                            num_new.tolist(), strict=True)),
+            dtype=np.int64, count=num_tokens)
+        positions = np.repeat(computed - query_start_loc[:-1], num_new) + np.arange(num_tokens)
+        max_blocks = -(-int(seq_lens.max()) // self.block_size)
+        block_tables = np.stack([table[:max_blocks] for table in out.block_tables])  # int32 [num_seqs, max_blocks]
+        seq_of_token = np.repeat(np.arange(len(seqs)), num_new)
+        slots = block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots), block_tables=self._tensor(block_tables),
+            seq_lens=self._tensor(seq_lens.astype(np.int32)),
+            query_start_loc=self._tensor(query_start_loc.astype(np.int32)), backend=self.attention_backend)
+        if self.enable_cascade:
+            self._add_cascade(meta, block_tables, seq_lens - num_new)
+        logits_rows = query_start_loc[1:][np.asarray(out.sample_indices, dtype=np.int64)] - 1
+        return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(logits_rows)
+
+    def _add_cascade(self, meta: AttentionMetadata, block_tables: np.ndarray, context_before: np.ndarray) -> None:
+        """Sequences whose tables start with the same blocks share that prefix (forks of one state):
+        their queries meet its keys in one pass. The prefix must end before every member's queries."""
+        first = block_tables[:, 0]
+        order = np.argsort(first, kind="stable")
+        _, starts, counts = np.unique(first[order], return_index=True, return_counts=True)
+        seq_prefix_ids = np.full(len(first), -1, dtype=np.int32)
+        prefix_tables, prefix_lens = [], []
+        for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
+            if count < CASCADE_MIN_GROUP:
+                continue
+            rows = order[start:start + count]
+            same = (block_tables[rows] == block_tables[rows[0]]).all(axis=0)
+            num_shared_blocks = int(np.argmin(same)) if not same.all() else same.shape[0]
+            prefix_len = min(num_shared_blocks * self.block_size, int(context_before[rows].min()))
+            if prefix_len < self.block_size:
+                continue
+            seq_prefix_ids[rows] = len(prefix_lens)
+            prefix_lens.append(prefix_len)
+            prefix_tables.append(block_tables[rows[0], : -(-prefix_len // self.block_size)])
+        if not prefix_lens:
+            return
+        width = max(len(table) for table in prefix_tables)
+        padded = np.zeros((len(prefix_tables), width), dtype=np.int32)
+        for i, table in enumerate(prefix_tables):
+            padded[i, : len(table)] = table
+        meta.prefix_block_tables = self._tensor(padded)
+        meta.prefix_lens = self._tensor(np.asarray(prefix_lens, dtype=np.int32))
+        meta.seq_prefix_ids = self._tensor(seq_prefix_ids)
+
+    def sampling_batch(self, out: SchedulerOutput) -> SamplingBatch:
+        seqs = [out.seqs[i] for i in out.sample_indices]
+        count = len(seqs)
+        positions = np.fromiter((seq.num_tokens for seq in seqs), dtype=np.int64, count=count)
+        offsets = positions - np.fromiter((seq.gen_start for seq in seqs), dtype=np.int64, count=count)
+        return SamplingBatch(
+            low=self.plan.low[offsets], high=self.plan.high[offsets],
+            temperature=np.fromiter((seq.temperature for seq in seqs), dtype=np.float32, count=count),
+            top_k=np.fromiter((seq.top_k for seq in seqs), dtype=np.int64, count=count),
+            top_p=np.fromiter((seq.top_p for seq in seqs), dtype=np.float32, count=count),
+            seeds=np.fromiter((seq.seed for seq in seqs), dtype=np.uint64, count=count),
+            positions=positions)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
