@@ -1,0 +1,114 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from world_model_fixtures import synthetic_episodes
+
+from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
+from engine.layout import TokenLayout
+from trainer.train_world_model import (
+    WorldModelArchitecture,
+    WorldModelTrainConfig,
+    balanced_accuracy,
+    restricted_losses,
+    train,
+)
+from trainer.world_model_data import (
+    build_stream,
+    collate_streams,
+    independent_view_mask,
+    save_token_cache,
+    tokenize_episode,
+)
+
+TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(3, 4), stage_channels=(8, 8))
+TINY_ARCH = WorldModelArchitecture(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wm")
+    tokenizer = ImageTokenizer.random(TOKENIZER, seed=0)
+    tokenizer.save_pretrained(root / "tokenizer")
+    episodes = [tokenize_episode(tokenizer, e, ("head", "wrist")) for e in synthetic_episodes(12, steps=20)]
+    save_token_cache(root / "tokens.npz", episodes, list(range(12)))
+    return root
+
+
+def config_for(root, name, **overrides):
+    base = dict(out_dir=str(root / name / "ckpt"), tokenizer_dir=str(root / "tokenizer"),
+                token_cache=str(root / "tokens.npz"), work_dir=str(root / name / "work"), architecture=TINY_ARCH,
+                steps=16, batch_size=4, lr=3e-3, warmup_steps=2, num_val_streams=8, log_every=4, save_every=8,
+                save_dtype="float32", val_every=4)
+    return WorldModelTrainConfig(**{**base, **overrides})
+
+
+def test_restricted_losses_on_uniform_logits():
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0],
+                               ("head", "wrist"))
+    from trainer.world_model_data import TokenizedEpisode
+    episode = TokenizedEpisode(episode.instruction, episode.codes, episode.actions, np.arange(17) >= 16)
+    batch = collate_streams(layout, [build_stream(layout, episode, 0, 2)])
+    logits = torch.zeros(1, batch.token_ids.shape[1], layout.vocab_size)
+    image_loss, reward_loss = restricted_losses(logits, batch, layout, (1.0, 1.0))
+    assert image_loss.item() == pytest.approx(math.log(12))
+    assert reward_loss.item() == pytest.approx(math.log(2))
+    # chunk 1 says no, chunk 2 says yes; push every answer to "yes": only the 'no' label costs.
+    logits[..., layout.yes_id] = 5.0
+    _, reward_loss = restricted_losses(logits, batch, layout, (3.0, 1.0))
+    cost_no, cost_yes = math.log(1 + math.exp(5)), math.log(1 + math.exp(-5))
+    assert reward_loss.item() == pytest.approx((3 * cost_no + cost_yes) / 4, rel=1e-5)
+
+
+def test_balanced_accuracy():
+    pairs = [(True, True), (True, False), (False, False), (False, False), (False, False), (False, True)]
+    assert balanced_accuracy(pairs) == pytest.approx(0.5 * (1 / 2) + 0.5 * (3 / 4))
+
+
+def test_train_writes_a_checkpoint_transformers_loads(prepared):
+    summary = train(config_for(prepared, "ivd"))
+    ckpt = prepared / "ivd" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["layout.json", "tokenizer", "world_model"]
+    layout = TokenLayout.load(ckpt / "layout.json")
+    model = LlamaForCausalLM.from_pretrained(ckpt / "world_model")
+    assert model.config.vocab_size == layout.vocab_size == 12 + 256 + 256 + 11
+    assert model.config.max_position_embeddings >= layout.max_stream_len
+    assert (layout.tokens_per_view, layout.chunk_size, layout.max_chunks_per_branch) == (16, 8, 2)
+    assert ImageTokenizer.from_pretrained(ckpt / "tokenizer").config == TOKENIZER
+    records = [json.loads(line) for line in (prepared / "ivd" / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12, 16]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (summary["num_train_episodes"], summary["num_val_episodes"]) == (9, 3)
+    assert 0.0 <= summary["val_reward_balanced_accuracy"] <= 1.0
+
+
+def test_resume_reproduces_an_uninterrupted_run(prepared):
+    full = train(config_for(prepared, "full", steps=8, save_every=4))
+    assert train(config_for(prepared, "split", steps=8, stop_at_step=4))["steps"] == 4
+    resumed = train(config_for(prepared, "split", steps=8, resume=True))
+    assert resumed["steps"] == 8
+    assert resumed["val_image_loss"] == pytest.approx(full["val_image_loss"], rel=1e-5)
+    a = LlamaForCausalLM.from_pretrained(prepared / "full" / "ckpt" / "world_model").state_dict()
+    b = LlamaForCausalLM.from_pretrained(prepared / "split" / "ckpt" / "world_model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_independent_views_hide_the_head_block_from_the_wrist(prepared):
+    train(config_for(prepared, "noivd", steps=4, independent_views=True))
+    model = LlamaForCausalLM.from_pretrained(prepared / "noivd" / "ckpt" / "world_model").eval()
+    layout = TokenLayout.load(prepared / "noivd" / "ckpt" / "layout.json")
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=8)[0], ("head", "wrist"))
+    ids = torch.from_numpy(build_stream(layout, episode, 0, 1).token_ids)[None]
+    head = layout.prefix_len(len(episode.instruction)) + layout.action_len + 2  # first generated head code
+    changed = ids.clone()
+    changed[0, head:head + 16] = (changed[0, head:head + 16] + 5) % 12
+    wrist = slice(head + 16, head + 33)  # <view:wrist> and wrist codes
+    with torch.no_grad():
+        masked = [model(input_ids=x, attention_mask=independent_view_mask(layout, x)).logits for x in (ids, changed)]
+        causal = [model(input_ids=x).logits for x in (ids, changed)]
+    torch.testing.assert_close(masked[0][0, wrist], masked[1][0, wrist])
+    assert not torch.allclose(causal[0][0, wrist], causal[1][0, wrist])

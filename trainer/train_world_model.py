@@ -1,0 +1,370 @@
+"""`vla-mbpo train-world-model`: a LlamaForCausalLM trained from scratch on token streams of recorded episodes.
+
+The stream format is engine.layout's (DESIGN.md): instruction, real start observation, then up to
+`max_chunks` chunks of (action chunk, next observation in IVD order, <rew> <yes|no>). Loss only on generated
+positions, each restricted to the range the engine samples from (image codes, or yes/no), reward classes
+balanced by loss weights. `--independent-views` trains the no-IVD ablation (a wrist block cannot attend to
+the head block of the same generated observation).
+
+Output: a checkpoint directory per DESIGN.md (layout.json, world_model/ in Hugging Face format, tokenizer/),
+plus a work directory with `metrics.jsonl`, `train_state.pt` (resume with `--resume`) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.image_tokenizer import ImageTokenizer
+from engine.layout import TokenLayout
+from trainer.world_model_data import (
+    TARGET_IMAGE,
+    TARGET_REWARD,
+    StreamBatch,
+    TokenizedEpisode,
+    Window,
+    WorldModelDataError,
+    build_stream,
+    collate_streams,
+    enumerate_windows,
+    independent_view_mask,
+    load_recorded_episodes,
+    load_token_cache,
+    reward_class_weights,
+    save_token_cache,
+    split_episode_ids,
+    tokenize_episode,
+)
+
+
+@dataclass(frozen=True)
+class WorldModelArchitecture:
+    """Llama decoder shape. The default (~5M parameters) trains on 2 CPU cores within the hour."""
+
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads, self.intermediate_size) <= 0:
+            raise ValueError(f"world model sizes must be > 0, got {self}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}, which "
+                             f"must divide by num_kv_heads={self.num_kv_heads}")
+
+    def llama_config(self, layout: TokenLayout) -> LlamaConfig:
+        # Positions beyond the layout's longest stream never occur; round up for a tidy number.
+        max_positions = 64 * math.ceil(layout.max_stream_len / 64)
+        return LlamaConfig(
+            vocab_size=layout.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, max_position_embeddings=max_positions,
+            rope_theta=self.rope_theta, bos_token_id=layout.special("bos"), eos_token_id=layout.special("pad"),
+            pad_token_id=layout.special("pad"), tie_word_embeddings=False, attention_bias=False,
+            attn_implementation="sdpa",
+        )
+
+
+@dataclass(frozen=True)
+class WorldModelTrainConfig:
+    """Everything one training run needs; built from the CLI at the entry point only."""
+
+    out_dir: str
+    tokenizer_dir: str
+    data_dir: str | None = None
+    token_cache: str | None = None  # read if it exists, else written after tokenizing data_dir
+    work_dir: str = "runs/world_model"
+    architecture: WorldModelArchitecture = WorldModelArchitecture()
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    max_chunks: int = 2
+    chunk_size: int = 8
+    max_instruction_bytes: int = 96
+    val_every: int = 10
+    num_val_streams: int = 128
+    independent_views: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 25
+    save_every: int = 250
+    resume: bool = False
+    stop_at_step: int | None = None  # end this run early (time-boxed sessions); `resume` continues it
+    save_dtype: str = "bfloat16"  # halves the shipped checkpoint; the engine computes in its own dtype
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "max_chunks", "chunk_size", "num_val_streams", "log_every",
+                     "save_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.lr < 1 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            problems.append(f"need 0 < lr < 1, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
+                            f"{self.min_lr_ratio}, {self.warmup_steps}")
+        if self.data_dir is None and self.token_cache is None:
+            problems.append("need data_dir or token_cache")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            problems.append(f"save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
+        if problems:
+            raise ValueError("invalid world-model training config: " + "; ".join(problems))
+
+
+def prepare_tokens(config: WorldModelTrainConfig, tokenizer: ImageTokenizer, views: Sequence[str],
+                   ) -> list[TokenizedEpisode]:
+    """Tokenized episodes in recording order, from the cache when it exists."""
+    if config.token_cache and Path(config.token_cache).is_file():
+        episodes, _ = load_token_cache(config.token_cache)
+        return episodes
+    recorded = load_recorded_episodes(config.data_dir)
+    episodes = [tokenize_episode(tokenizer, e, views) for e in tqdm(recorded, desc="tokenize", leave=False)]
+    if config.token_cache:
+        Path(config.token_cache).parent.mkdir(parents=True, exist_ok=True)
+        save_token_cache(config.token_cache, episodes, list(range(len(episodes))))
+    return episodes
+
+
+def restricted_losses(logits: torch.Tensor, batch: StreamBatch, layout: TokenLayout,
+                      reward_weights: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image loss, balanced reward loss): cross-entropy over the allowed range of each generated position.
+
+    logits: [B, L, V] predicting token i + 1 at position i. Image positions see only the codebook logits,
+    reward positions only (no, yes), exactly the ranges the engine samples from.
+    """
+    targets = batch.targets[:, 1:].to(logits.device)  # [B, L-1]
+    next_ids = batch.token_ids[:, 1:].to(logits.device)
+    logits = logits[:, :-1].float()
+    image = targets == TARGET_IMAGE
+    code_logits = logits[image][:, layout.image_offset:layout.image_offset + layout.codebook_size]
+    image_loss = F.cross_entropy(code_logits, next_ids[image] - layout.image_offset)
+    reward = targets == TARGET_REWARD
+    answer_logits = logits[reward][:, [layout.no_id, layout.yes_id]]  # [R, 2]
+    labels = (next_ids[reward] == layout.yes_id).long()
+    weights = torch.tensor(reward_weights, device=logits.device)
+    per_answer = F.cross_entropy(answer_logits, labels, reduction="none") * weights[labels]
+    return image_loss, per_answer.sum() / weights[labels].sum()
+
+
+def attention_mask_for(layout: TokenLayout, token_ids: torch.Tensor, independent_views: bool) -> torch.Tensor | None:
+    """None (plain causal, IVD) or the no-IVD ablation's 4D boolean mask."""
+    return independent_view_mask(layout, token_ids) if independent_views else None
+
+
+def learning_rate(config: WorldModelTrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sample_batch(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
+                 rng: np.random.Generator, batch_size: int) -> StreamBatch:
+    picks = rng.integers(0, len(windows), size=batch_size)
+    return collate_streams(layout, (build_stream(layout, episodes[windows[i].episode_index], windows[i].start,
+                                                 windows[i].num_chunks) for i in picks))
+
+
+@torch.no_grad()
+def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[StreamBatch],
+             independent_views: bool, device: torch.device) -> dict[str, float]:
+    """Teacher-forced validation: image-code loss and accuracy, reward balanced accuracy."""
+    model.eval()
+    image_loss_sum = image_correct = image_total = 0.0
+    answers: list[tuple[int, int]] = []
+    for batch in batches:
+        ids = batch.token_ids.to(device)
+        logits = model(input_ids=ids, attention_mask=attention_mask_for(layout, ids, independent_views)).logits
+        targets, next_ids, logits = batch.targets[:, 1:].to(device), ids[:, 1:], logits[:, :-1].float()
+        image = targets == TARGET_IMAGE
+        code_logits = logits[image][:, layout.image_offset:layout.image_offset + layout.codebook_size]
+        code_targets = next_ids[image] - layout.image_offset
+        image_loss_sum += F.cross_entropy(code_logits, code_targets, reduction="sum").item()
+        image_correct += (code_logits.argmax(-1) == code_targets).sum().item()
+        image_total += code_targets.numel()
+        reward = targets == TARGET_REWARD
+        predicted = logits[reward][:, layout.yes_id] > logits[reward][:, layout.no_id]
+        answers += list(zip((next_ids[reward] == layout.yes_id).tolist(), predicted.tolist(), strict=True))
+    model.train()
+    return {"val_image_loss": image_loss_sum / image_total, "val_image_accuracy": image_correct / image_total,
+            "val_reward_balanced_accuracy": balanced_accuracy(answers)}
+
+
+def balanced_accuracy(pairs: Sequence[tuple[bool, bool]]) -> float:
+    """Mean of per-class recall over the classes present in (label, prediction) pairs."""
+    recalls = []
+    for cls in (False, True):
+        hits = [pred == label for label, pred in pairs if label == cls]
+        if hits:
+            recalls.append(sum(hits) / len(hits))
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def save_checkpoint(out_dir: Path, layout: TokenLayout, model: LlamaForCausalLM, tokenizer_dir: Path,
+                    dtype: torch.dtype) -> None:
+    """Writes layout.json, world_model/ (transformers format, safetensors) and a copy of tokenizer/."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layout.save(out_dir / "layout.json")
+    copy.deepcopy(model).to(dtype).save_pretrained(out_dir / "world_model")
+    target = out_dir / "tokenizer"
+    if target.resolve() != tokenizer_dir.resolve():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(tokenizer_dir, target)
+
+
+def make_layout(config: WorldModelTrainConfig, tokenizer: ImageTokenizer, episodes: Sequence[TokenizedEpisode],
+                ) -> TokenLayout:
+    action_dim = episodes[0].actions.shape[1]
+    size = tokenizer.config.image_size
+    return TokenLayout(codebook_size=tokenizer.config.codebook_size, tokens_per_view=tokenizer.config.tokens_per_view,
+                       image_height=size, image_width=size, chunk_size=config.chunk_size, action_dim=action_dim,
+                       action_low=(-1.0,) * action_dim, action_high=(1.0,) * action_dim,
+                       max_chunks_per_branch=config.max_chunks, max_instruction_bytes=config.max_instruction_bytes)
+
+
+def train(config: WorldModelTrainConfig) -> dict:
+    """Runs training to `config.steps`, writes the checkpoint, returns the summary (also in summary.json)."""
+    device = torch.device(config.device)
+    work_dir, out_dir = Path(config.work_dir), Path(config.out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = ImageTokenizer.from_pretrained(config.tokenizer_dir, device=device)
+    episodes = prepare_tokens(config, tokenizer, ("head", "wrist"))
+    layout = make_layout(config, tokenizer, episodes)
+    train_ids, val_ids = split_episode_ids(len(episodes), config.val_every)
+    train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
+    train_windows = enumerate_windows(train_eps, layout.chunk_size, config.max_chunks)
+    val_windows = enumerate_windows(val_eps, layout.chunk_size, config.max_chunks)
+    if not train_windows or not val_windows:
+        raise WorldModelDataError(f"no training windows: episodes shorter than chunk_size={layout.chunk_size}")
+    reward_weights = reward_class_weights(train_eps, train_windows, layout.chunk_size)
+    val_rng = np.random.default_rng(config.seed + 1)
+    val_pick = val_rng.choice(len(val_windows), size=min(config.num_val_streams, len(val_windows)), replace=False)
+    val_batches = [sample_batch(layout, val_eps, [val_windows[i] for i in val_pick[s:s + config.batch_size]],
+                                np.random.default_rng(0), len(val_pick[s:s + config.batch_size]))
+                   for s in range(0, len(val_pick), config.batch_size)]
+
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(config.architecture.llama_config(layout)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    rng = np.random.default_rng(config.seed)
+    state_path, metrics_path = work_dir / "train_state.pt", work_dir / "metrics.jsonl"
+    step = 0
+    if config.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step = state["step"]
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    num_params = sum(p.numel() for p in model.parameters())
+    use_bf16 = device.type == "cuda"
+    started, tokens_seen = time.perf_counter(), 0
+    model.train()
+    progress = tqdm(total=config.steps, initial=step, desc="world model", leave=False)
+    last_step = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
+    while step < last_step:
+        batch = sample_batch(layout, train_eps, train_windows, rng, config.batch_size)
+        ids = batch.token_ids.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=ids, attention_mask=attention_mask_for(layout, ids, config.independent_views)
+                           ).logits
+        image_loss, reward_loss = restricted_losses(logits, batch, layout, reward_weights)
+        loss = image_loss + reward_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens_seen += ids.numel()
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": loss.item(), "image_loss": image_loss.item(),
+                      "reward_loss": reward_loss.item(), "lr": learning_rate(config, step - 1),
+                      "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % config.save_every == 0 or step == last_step:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": rng.bit_generator.state, "step": step}, state_path)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    summary = {"num_parameters": num_params, "steps": step, "train_seconds": train_seconds,
+               "device": str(device), "num_train_episodes": len(train_ids), "num_val_episodes": len(val_ids),
+               "num_train_windows": len(train_windows), "reward_weights_no_yes": list(reward_weights),
+               "independent_views": config.independent_views, "max_stream_len": layout.max_stream_len,
+               **validate(model, layout, val_batches, config.independent_views, device),
+               "config": asdict(config)}
+    save_checkpoint(out_dir, layout, model, Path(config.tokenizer_dir), getattr(torch, config.save_dtype))
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = WorldModelTrainConfig(out_dir="", tokenizer_dir="", data_dir="")
+    arch = WorldModelArchitecture()
+    parser = argparse.ArgumentParser(prog="vla-mbpo train-world-model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="recording directory made by `vla-mbpo collect`")
+    parser.add_argument("--tokenizer", required=True, help="image tokenizer directory (train-tokenizer --out)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--token-cache", help="tokenized-episode cache (.npz): read if present, else written")
+    parser.add_argument("--work-dir", default=defaults.work_dir, help="metrics.jsonl, train_state.pt, summary")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--max-chunks", type=int, default=defaults.max_chunks, help="chunks per stream (H)")
+    parser.add_argument("--hidden-size", type=int, default=arch.hidden_size)
+    parser.add_argument("--num-layers", type=int, default=arch.num_layers)
+    parser.add_argument("--num-heads", type=int, default=arch.num_heads)
+    parser.add_argument("--num-kv-heads", type=int, default=arch.num_kv_heads)
+    parser.add_argument("--intermediate-size", type=int, default=arch.intermediate_size)
+    parser.add_argument("--independent-views", action="store_true",
+                        help="no-IVD ablation: wrist block cannot see the generated head block")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument("--save-dtype", default=defaults.save_dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/train_state.pt")
+    parser.add_argument("--stop-at-step", type=int, help="end this run early at this step; --resume continues")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    architecture = WorldModelArchitecture(hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                          num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                                          intermediate_size=args.intermediate_size)
+    config = WorldModelTrainConfig(
+        out_dir=args.out, tokenizer_dir=args.tokenizer, data_dir=args.data, token_cache=args.token_cache,
+        work_dir=args.work_dir, architecture=architecture, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, max_chunks=args.max_chunks,
+        independent_views=args.independent_views, seed=args.seed, device=args.device, save_every=args.save_every,
+        save_dtype=args.save_dtype, resume=args.resume,
+        stop_at_step=args.stop_at_step)
+    summary = train(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
