@@ -1,0 +1,203 @@
+"""Scripted experts for every task family, with a skill knob that makes demos imperfect on purpose.
+
+The expert reads privileged simulator state (`TabletopEnv.sim_state()`), which only it may do. It is a
+small phase machine per family driven by a proportional controller on the hand position:
+
+    lift:  approach -> descend -> close -> lift
+    place: approach -> descend -> close -> lift -> carry -> release
+    push:  approach -> descend -> close -> slide it along the table onto the pad
+
+Phases re-check the state each step (a dropped object sends the expert back to approach), so the
+expert recovers from its own noise. `skill` in [0, 1] sets the imperfection: Gaussian action noise of
+std NOISE_AT_ZERO_SKILL * (1 - skill), a slower hand, and, with probability MISTAKE_AT_ZERO_SKILL *
+(1 - skill) per episode, one deliberate mistake (go for the wrong object, let go early, or wander).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+from trainer.envs import scene
+from trainer.envs.tabletop import SimState, TabletopEnv
+
+NOISE_AT_ZERO_SKILL = 0.8
+MISTAKE_AT_ZERO_SKILL = 1.0
+MISTAKES = ("wrong_object", "early_release", "wander")
+
+HOVER_Z = 0.15  # hand height for moving around above the objects
+GRASP_Z = scene.FINGER_LENGTH + 0.006  # finger tips just above the table
+CARRY_Z = 0.17
+CLOSE_STEPS = 4  # control steps the fingers need to close on an object
+XY_TOLERANCE = 0.008
+Z_TOLERANCE = 0.006
+PUSH_SPEED = 0.6  # fraction of the top hand speed while sliding an object: faster slides tip it over
+HOP_CLEARANCE = 0.065  # over the other objects (0.04 tall) and the bin walls (0.05 tall)
+HOP_LANDING_DISTANCE = 0.045  # put the object down this close to the pad centre
+SLIDE_CLEARANCE = 0.005  # carry the object just clear of the table: dragging it makes it pivot out of the grip
+HELD_MIN_OPENING = 0.008  # fingers closed on an object stop about OBJECT_HALF_SIZE apart from centre
+
+
+class ExpertError(ValueError):
+    """A bad expert configuration."""
+
+
+@dataclass
+class _Plan:
+    """Per-episode decisions, drawn when the expert first sees a new episode."""
+
+    object_index: int
+    mistake: str  # "" for none
+    mistake_step: int  # control step at which "wander"/"early_release" may trigger
+    wander_steps: int
+    wander_direction: np.ndarray  # [3]
+
+
+class ScriptedExpert:
+    """Privileged scripted expert: `act(obs) -> float32[4]` for the env it was built on."""
+
+    def __init__(self, env: gym.Env, skill: float = 1.0, seed: int | None = None) -> None:
+        if not isinstance(env.unwrapped, TabletopEnv):
+            raise ExpertError(f"ScriptedExpert needs a TabletopEnv, got {type(env.unwrapped).__name__}")
+        if not 0.0 <= float(skill) <= 1.0:
+            raise ExpertError(f"skill must be in [0, 1], got {skill}")
+        self.env: TabletopEnv = env.unwrapped
+        self.skill = float(skill)
+        self.rng = np.random.default_rng(seed)
+        self._layout = None
+        self._plan: _Plan | None = None
+        self._phase = "approach"
+        self._phase_steps = 0
+        self._steps = 0
+
+    @property
+    def noise_std(self) -> float:
+        return NOISE_AT_ZERO_SKILL * (1.0 - self.skill)
+
+    @property
+    def mistake_probability(self) -> float:
+        return MISTAKE_AT_ZERO_SKILL * (1.0 - self.skill)
+
+    def act(self, obs: dict | None = None) -> np.ndarray:
+        """The next action for the env's current state (the observation itself is not needed)."""
+        state = self.env.sim_state()
+        if state.layout is not self._layout:
+            self._start_episode(state)
+        plan = self._plan
+        if plan.mistake == "wander" and plan.mistake_step <= self._steps < plan.mistake_step + plan.wander_steps:
+            action = np.append(plan.wander_direction, self.rng.uniform(-1, 1))
+        else:
+            target, close = self._policy(state)
+            speed = PUSH_SPEED if self._phase == "slide" else 1.0
+            action = np.append(self._move_towards(state.hand_pos, target, speed), 1.0 if close else -1.0)
+        action[:3] += self.rng.normal(0.0, self.noise_std, size=3)
+        self._steps += 1
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    # ---- per-episode set-up -------------------------------------------------------------------------
+    def _start_episode(self, state: SimState) -> None:
+        self._layout = state.layout
+        self._phase, self._phase_steps, self._steps = "approach", 0, 0
+        mistake = ""
+        if self.rng.random() < self.mistake_probability:
+            mistake = MISTAKES[int(self.rng.integers(len(MISTAKES)))]
+        object_index = state.goal.object_index
+        if mistake == "wrong_object":
+            others = [i for i in range(scene.NUM_OBJECTS) if i != object_index]
+            object_index = others[int(self.rng.integers(len(others)))]
+        direction = self.rng.normal(size=3)
+        self._plan = _Plan(
+            object_index=object_index,
+            mistake=mistake,
+            mistake_step=int(self.rng.integers(5, 30)),
+            wander_steps=int(self.rng.integers(25, 60)),
+            wander_direction=direction / np.linalg.norm(direction),
+        )
+
+    # ---- control -------------------------------------------------------------------------------------
+    def _move_towards(self, hand: np.ndarray, target: np.ndarray, speed: float = 1.0) -> np.ndarray:
+        speed *= 0.6 + 0.4 * self.skill  # a less skilled expert is also slower
+        return np.clip((target - hand) / self.env.config.max_step_size, -speed, speed)
+
+    def _set_phase(self, phase: str) -> None:
+        if phase != self._phase:
+            self._phase, self._phase_steps = phase, 0
+
+    def _policy(self, state: SimState) -> tuple[np.ndarray, bool]:
+        """(hand target [3], close gripper) for the current phase; advances the phase machine."""
+        self._phase_steps += 1
+        return self._pick(state)
+
+    def _pick(self, state: SimState) -> tuple[np.ndarray, bool]:
+        """All families share the grasp. Lift raises the object; place carries it over the bin and lets
+        go; push slides it along the table onto the pad (a point pusher loses round objects sideways)."""
+        obj = state.object_pos[self._plan.object_index]
+        hand = state.hand_pos
+        held = self._is_held(state, obj)
+        if self._phase in ("lift", "carry", "slide") and not held:
+            self._set_phase("approach")  # dropped it: start over
+        if self._phase == "approach":
+            xy_error = np.linalg.norm(hand[:2] - obj[:2])
+            if xy_error < XY_TOLERANCE:
+                self._set_phase("descend")
+            z = HOVER_Z if xy_error > 0.03 else max(GRASP_Z, hand[2] - 0.02)
+            return np.array([obj[0], obj[1], max(z, GRASP_Z)]), False
+        if self._phase == "descend":
+            target = np.array([obj[0], obj[1], GRASP_Z])
+            if np.linalg.norm(hand[:2] - obj[:2]) > 2.5 * XY_TOLERANCE:
+                self._set_phase("approach")
+            elif abs(hand[2] - GRASP_Z) < Z_TOLERANCE:
+                self._set_phase("close")
+            return target, False
+        if self._phase == "close":
+            if self._phase_steps >= CLOSE_STEPS:
+                self._set_phase("slide" if state.goal.family == "push" else "lift")
+            return np.array([obj[0], obj[1], GRASP_Z]), True
+        if self._mistake_now("early_release"):
+            self._plan.mistake = ""  # one early release per episode
+            self._set_phase("release")
+        if self._phase == "lift":
+            if state.goal.family == "place" and hand[2] > CARRY_Z - 0.04:
+                self._set_phase("carry")
+            return np.array([hand[0], hand[1], CARRY_Z]), True
+        if self._phase == "slide":
+            # Steer the hand so that the object's centre, not the hand, ends on the pad centre; hop over
+            # anything in the way and put the object down on the last stretch.
+            target = hand[:2] + (state.goal_xy - obj[:2])
+            far = np.linalg.norm(state.goal_xy - obj[:2]) > HOP_LANDING_DISTANCE
+            clearance = HOP_CLEARANCE if far and self._path_blocked(state, obj) else SLIDE_CLEARANCE
+            return np.array([target[0], target[1], GRASP_Z + clearance]), True
+        if self._phase == "carry":
+            goal = np.array([state.goal_xy[0], state.goal_xy[1], CARRY_Z])
+            if np.linalg.norm(hand[:2] - goal[:2]) < XY_TOLERANCE:
+                self._set_phase("release")
+            return goal, True
+        # release: open and stay; if the object missed the bin it is picked up again
+        if self._phase_steps > 6:
+            self._set_phase("approach")
+        return hand.copy(), False
+
+    def _path_blocked(self, state: SimState, obj: np.ndarray) -> bool:
+        """Whether another object or the bin lies near the straight path from the object to the pad."""
+        start, end = obj[:2], state.goal_xy
+        obstacles = [(state.object_pos[i, :2], 2.5 * scene.OBJECT_HALF_SIZE)
+                     for i in range(scene.NUM_OBJECTS) if i != self._plan.object_index]
+        obstacles.append((state.layout.bin_xy, 1.45 * (scene.BIN_INNER_HALF + 2 * scene.BIN_WALL_HALF_THICKNESS)))
+        segment = end - start
+        length_sq = max(float(segment @ segment), 1e-9)
+        for centre, radius in obstacles:
+            t = np.clip((centre - start) @ segment / length_sq, 0.0, 1.0)
+            if np.linalg.norm(start + t * segment - centre) < radius + 1.5 * scene.OBJECT_HALF_SIZE:
+                return True
+        return False
+
+    def _mistake_now(self, mistake: str) -> bool:
+        return self._plan.mistake == mistake and self._steps >= self._plan.mistake_step
+
+    @staticmethod
+    def _is_held(state: SimState, obj: np.ndarray) -> bool:
+        near = np.linalg.norm(state.hand_pos[:2] - obj[:2]) < 0.03
+        below_fingers = obj[2] > state.hand_pos[2] - scene.FINGER_LENGTH - 0.01
+        return bool(state.gripper_closed and state.finger_opening > HELD_MIN_OPENING and near and below_fingers)
