@@ -3,10 +3,13 @@
 Decisions (the proto's service comment is the contract):
 - `RequestError` is raised by the server's own validation and carries its code.
 - `InvalidRequestError` -> INVALID_ARGUMENT, `StateNotFoundError` -> NOT_FOUND.
-- `CapacityError` -> RESOURCE_EXHAUSTED. The engine raises it only for work that can never fit as sent
-  (it preempts rather than fail when memory is merely busy), which is the same class of problem as an
-  oversize request or an oversize message, and gRPC itself answers those with RESOURCE_EXHAUSTED. The
-  message says that the request must be made smaller; the client library never retries this code.
+- `CapacityError` -> RESOURCE_EXHAUSTED. The engine raises it for work that cannot fit: a stream longer
+  than the model's context, or a KV cache filled by live states (it preempts running work rather than
+  fail, so only held states can exhaust it). Both are the class of an oversize request or message, which
+  gRPC itself answers with RESOURCE_EXHAUSTED; the engine's message says what to shrink or release. The
+  client library never retries this code.
+- A branch from a state that already holds `max_chunks_per_branch` chunks is OUT_OF_RANGE (the server
+  checks it first, so the message names the wire id): rolling past the end of the model's horizon.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, CapacityError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"request can never fit, make it smaller: {exc}"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, EngineError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return None

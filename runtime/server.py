@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import logging
 import signal
 import sys
@@ -117,9 +116,8 @@ class RolloutServer:
             await asyncio.gather(self._housekeeping, return_exceptions=True)
         released = await self.servicer.release_all()
         self.metrics.stop_http()
-        closing = self.async_engine.close()
-        if inspect.isawaitable(closing):
-            await closing
+        # close() joins the engine thread, which may be finishing a step: keep the loop responsive.
+        await asyncio.get_running_loop().run_in_executor(None, self.async_engine.close)
         logger.info("stopped %s on %s after %.1fs: %d calls were in flight, released %d live states",
                     SERVICE_NAME, self.address, time.monotonic() - self._started_at, in_flight, released)
 
@@ -132,7 +130,7 @@ class RolloutServer:
             await asyncio.sleep(self.config.housekeeping_interval)
             try:
                 await self.servicer.expire_leases()
-                self.metrics.tokens_per_second()
+                self.metrics.tokens_per_second(await self.servicer.engine_stats())
             except Exception:  # keep sweeping: one failed release must not stop lease expiry
                 logger.exception("housekeeping failed")
 

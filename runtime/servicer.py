@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 
 from engine.engine import AsyncEngine
-from engine.types import ModelInfo
+from engine.types import EngineStats, ModelInfo
 from protos.vla_mbpo.v1 import world_model_pb2 as pb
 from protos.vla_mbpo.v1 import world_model_pb2_grpc
 from runtime import convert
@@ -108,10 +108,14 @@ class WorldModelServicer(world_model_pb2_grpc.WorldModelServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: aio.ServicerContext) -> pb.Stats:
         async with self._rpc("GetStats", context):
-            stats = self._engine.stats()
+            stats = await self.engine_stats()
             return convert.stats_to_proto(stats, self._metrics.tokens_per_second(stats))
 
     # ---- housekeeping (called by the server) ------------------------------------------------------
+    async def engine_stats(self) -> EngineStats:
+        """The engine's stats without blocking the event loop (the engine answers between two steps)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._engine.stats)
+
     async def expire_leases(self) -> int:
         """Releases every state whose lease expired; returns how many."""
         engine_ids = self.leases.pop_expired()
