@@ -86,9 +86,12 @@ def _attend_batch(
     )
     blocks = torch.gather(block_tables.long(), 1, block_ids)  # [n, num_gathered]
     num_keys = num_gathered * block_size
-    # [n, kv_heads, num_keys, D]: one gathered copy per sequence, in float32 for the matmuls
-    keys = k_cache[blocks].reshape(n, num_keys, num_kv_heads, head_dim).transpose(1, 2).float()
-    values = v_cache[blocks].reshape(n, num_keys, num_kv_heads, head_dim).transpose(1, 2).float()
+    # Index the (block, kv head) pair of a [num_blocks, kv_heads, block_size, D] view: the gather lands
+    # directly as [n, kv_heads, num_gathered, block_size, D], so no transpose copy follows.
+    kv_heads = torch.arange(num_kv_heads, device=device)[None, :, None]
+    keys = k_cache.transpose(1, 2)[blocks[:, None, :], kv_heads].reshape(n, num_kv_heads, num_keys, head_dim)
+    values = v_cache.transpose(1, 2)[blocks[:, None, :], kv_heads].reshape(n, num_kv_heads, num_keys, head_dim)
+    keys, values = keys.float(), values.float()  # [n, kv_heads, num_keys, D]
     key_pos = first_blocks[:, None] * block_size + torch.arange(num_keys, device=device)  # [n, num_keys]
 
     rows = torch.arange(max_q, device=device)
