@@ -428,12 +428,14 @@ class AsyncEngine:
             lambda: self.engine.add_branches(branches, sampling, return_tokens, return_images, on_result)))
         done = asyncio.wrap_future(request.future)
         delivered = 0
+        delivered_indices: set[int] = set()
         try:
             while delivered < len(branches):
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     delivered += 1
+                    delivered_indices.add(getter.result().index)
                     yield getter.result()
                     continue
                 getter.cancel()
@@ -443,7 +445,16 @@ class AsyncEngine:
                     raise done.exception()
         finally:
             if delivered < len(branches) and not self._closed:
-                self._submit(lambda: self.engine.abort(request))
+                self._submit(lambda: self._abort_undelivered(request, delivered_indices))
+
+    def _abort_undelivered(self, request: ImagineRequest, delivered_indices: set[int]) -> None:
+        """Engine thread: aborts the unfinished branches and releases the kept states of finished results
+        the consumer never received (still queued when it stopped): nobody else knows their ids."""
+        self.engine.abort(request)
+        orphans = [r.state_id for r in request.results
+                   if r is not None and r.state_id is not None and r.index not in delivered_indices]
+        if orphans:
+            self.engine.release(orphans)
 
     async def release(self, state_ids: list[int]) -> None:
         await asyncio.wrap_future(self._submit(lambda: self.engine.release(state_ids)))
