@@ -9,8 +9,8 @@ small phase machine per family driven by a proportional controller on the hand p
 
 Phases re-check the state each step (a dropped object sends the expert back to approach), so the
 expert recovers from its own noise. `skill` in [0, 1] sets the imperfection: Gaussian action noise of
-std NOISE_AT_ZERO_SKILL * (1 - skill), a slower hand, and, with probability MISTAKE_AT_ZERO_SKILL *
-(1 - skill) per episode, one deliberate mistake (go for the wrong object, let go early, or wander).
+std NOISE_AT_ZERO_SKILL * (1 - skill), a slower hand, and, with probability min(1, MISTAKE_AT_ZERO_SKILL *
+(1 - skill)) per episode, one deliberate mistake (go for the wrong object, let go early, or wander).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from trainer.envs import scene
 from trainer.envs.tabletop import SimState, TabletopEnv
 
 NOISE_AT_ZERO_SKILL = 0.8
-MISTAKE_AT_ZERO_SKILL = 1.0
+MISTAKE_AT_ZERO_SKILL = 1.3
 MISTAKES = ("wrong_object", "early_release", "wander")
+MISTAKE_WEIGHTS = (0.5, 0.25, 0.25)
 
 HOVER_Z = 0.15  # hand height for moving around above the objects
 GRASP_Z = scene.FINGER_LENGTH + 0.006  # finger tips just above the table
@@ -50,7 +51,7 @@ class _Plan:
 
     object_index: int
     mistake: str  # "" for none
-    mistake_step: int  # control step at which "wander"/"early_release" may trigger
+    mistake_step: int  # control step at which "wander" starts
     wander_steps: int
     wander_direction: np.ndarray  # [3]
 
@@ -78,7 +79,7 @@ class ScriptedExpert:
 
     @property
     def mistake_probability(self) -> float:
-        return MISTAKE_AT_ZERO_SKILL * (1.0 - self.skill)
+        return min(1.0, MISTAKE_AT_ZERO_SKILL * (1.0 - self.skill))
 
     def act(self, obs: dict | None = None) -> np.ndarray:
         """The next action for the env's current state (the observation itself is not needed)."""
@@ -102,7 +103,7 @@ class ScriptedExpert:
         self._phase, self._phase_steps, self._steps = "approach", 0, 0
         mistake = ""
         if self.rng.random() < self.mistake_probability:
-            mistake = MISTAKES[int(self.rng.integers(len(MISTAKES)))]
+            mistake = MISTAKES[int(self.rng.choice(len(MISTAKES), p=MISTAKE_WEIGHTS))]
         object_index = state.goal.object_index
         if mistake == "wrong_object":
             others = [i for i in range(scene.NUM_OBJECTS) if i != object_index]
@@ -111,8 +112,8 @@ class ScriptedExpert:
         self._plan = _Plan(
             object_index=object_index,
             mistake=mistake,
-            mistake_step=int(self.rng.integers(5, 30)),
-            wander_steps=int(self.rng.integers(25, 60)),
+            mistake_step=int(self.rng.integers(0, 20)),
+            wander_steps=int(self.rng.integers(40, 80)),
             wander_direction=direction / np.linalg.norm(direction),
         )
 
@@ -155,7 +156,7 @@ class ScriptedExpert:
             if self._phase_steps >= CLOSE_STEPS:
                 self._set_phase("slide" if state.goal.family == "push" else "lift")
             return np.array([obj[0], obj[1], GRASP_Z]), True
-        if self._mistake_now("early_release"):
+        if self._plan.mistake == "early_release" and self._phase_steps >= 2:
             self._plan.mistake = ""  # one early release per episode
             self._set_phase("release")
         if self._phase == "lift":
@@ -192,9 +193,6 @@ class ScriptedExpert:
             if np.linalg.norm(start + t * segment - centre) < radius + 1.5 * scene.OBJECT_HALF_SIZE:
                 return True
         return False
-
-    def _mistake_now(self, mistake: str) -> bool:
-        return self._plan.mistake == mistake and self._steps >= self._plan.mistake_step
 
     @staticmethod
     def _is_held(state: SimState, obj: np.ndarray) -> bool:
