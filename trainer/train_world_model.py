@@ -49,6 +49,9 @@ from trainer.world_model_data import (
     tokenize_episode,
 )
 
+# Stored in the ablation's world_model/config.json; the served default never carries it.
+INDEPENDENT_VIEWS_KEY = "vla_mbpo_independent_views"
+
 
 @dataclass(frozen=True)
 class WorldModelArchitecture:
@@ -262,7 +265,10 @@ def train(config: WorldModelTrainConfig) -> dict:
                    for s in range(0, len(val_pick), config.batch_size)]
 
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(config.architecture.llama_config(layout)).to(device)
+    llama_config = config.architecture.llama_config(layout)
+    if config.independent_views:  # marks the ablation so evaluation decodes it with the same mask
+        setattr(llama_config, INDEPENDENT_VIEWS_KEY, True)
+    model = LlamaForCausalLM(llama_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     rng = np.random.default_rng(config.seed)
