@@ -37,3 +37,9 @@ def actions(layout, seed: int) -> np.ndarray:
 
 def branch(layout, state_id: int, seed: int, keep_state: bool = False) -> BranchRequest:
     return BranchRequest(state_id, actions(layout, seed), seed=seed, keep_state=keep_state)
+
+
+def write_tiny_checkpoint(path, layout, **model):
+    from engine.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(path, layout, seed=0, **(model or TINY_MODEL))
