@@ -23,6 +23,7 @@ import numpy as np
 from trainer.envs import scene
 from trainer.envs.tabletop import SimState, TabletopEnv
 
+DEFAULT_DEMO_SKILL = 0.5  # demos at this skill succeed about half the time: room for RL
 NOISE_AT_ZERO_SKILL = 0.8
 MISTAKE_AT_ZERO_SKILL = 1.3
 MISTAKES = ("wrong_object", "early_release", "wander")
@@ -59,7 +60,7 @@ class _Plan:
 class ScriptedExpert:
     """Privileged scripted expert: `act(obs) -> float32[4]` for the env it was built on."""
 
-    def __init__(self, env: gym.Env, skill: float = 1.0, seed: int | None = None) -> None:
+    def __init__(self, env: gym.Env, skill: float = 1.0, seed: int | np.random.SeedSequence | None = None) -> None:
         if not isinstance(env.unwrapped, TabletopEnv):
             raise ExpertError(f"ScriptedExpert needs a TabletopEnv, got {type(env.unwrapped).__name__}")
         if not 0.0 <= float(skill) <= 1.0:
