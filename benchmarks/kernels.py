@@ -140,19 +140,22 @@ def bytes_moved(shape: AttentionShape, element_size: int, cascade: bool) -> int:
     return kv_tokens * kv_row + q_and_out
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of fn after warm-up (compilation and autotuning excluded)."""
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, calls_per_sample: int = 5) -> float:
+    """Median time per call of fn after warm-up (compilation excluded). On CUDA each sample times
+    calls_per_sample back-to-back calls between two events, so the host's launch work overlaps the GPU's."""
     for _ in range(3):
         fn()
     samples = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
             start.record()
-            fn()
+            for _ in range(calls_per_sample):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end))
+            samples.append(start.elapsed_time(end) / calls_per_sample)
         else:
             begin = time.perf_counter()
             fn()
@@ -204,6 +207,8 @@ def run_case(shape: AttentionShape, dtype: torch.dtype, device: torch.device, re
         if error > 3e-2:
             raise AssertionError(f"{shape.name} {name}: max abs error {error} against the torch path")
         ms = time_ms(fn, device, repeats)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the torch path's gathers must not crowd the next case
         kind, backend = name.split("/")
         if backend == "torch":
             torch_ms[kind] = ms
@@ -256,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print("NOTE: no CUDA device: this run measured the torch path (kernels/torch_attention.py) only; "
               "the Triton kernels were not timed.", file=sys.stderr)
-    results = []
+    results, failures = [], []
     for shape in default_shapes(device, args.quick):
-        results += run_case(shape, dtype, device, args.repeats)
+        try:
+            results += run_case(shape, dtype, device, args.repeats)
+        except (AssertionError, RuntimeError) as error:  # report the case and go on with the others
+            failures.append(f"{shape.name}: {type(error).__name__}: {error}")
+            print(f"FAILED {failures[-1]}", file=sys.stderr)
     print(format_table(results))
     report = {
         "benchmark": "kernels",
@@ -266,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "machine": machine_info(device),
         "results": [asdict(r) for r in results],
+        "failures": failures,
     }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

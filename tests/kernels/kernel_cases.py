@@ -46,6 +46,10 @@ class PagedBatch:
     seq_prefix_ids: torch.Tensor  # int32 [num_seqs]
     scale: float
 
+    def to(self, device: str | torch.device) -> PagedBatch:
+        moved = {name: getattr(self, name).to(device) for name in self.__dataclass_fields__ if name != "scale"}
+        return PagedBatch(**moved, scale=self.scale)
+
     def attention_args(self) -> tuple:
         return (self.query, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc,
                 self.scale)

@@ -25,6 +25,10 @@ CASES = {
     "prefill_after_prefix_and_idle_branch": ([shared(5, (12, 7), (5, 0), (6, 1)), shared(9, (10, 1))], 4, 2, 2),
 }
 
+# These tests run the Triton kernels on CPU tensors, which only the interpreter can do. A GPU run with
+# TRITON_INTERPRET=0 covers the compiled kernels in test_kernels_cuda.py instead.
+pytestmark = pytest.mark.skipif(not cascade.runs_in_interpreter(), reason="needs TRITON_INTERPRET=1")
+
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -7,6 +7,10 @@ import torch
 
 from kernels import kv_store, reference
 
+# These tests run the Triton kernels on CPU tensors, which only the interpreter can do. A GPU run with
+# TRITON_INTERPRET=0 covers the compiled kernels in test_kernels_cuda.py instead.
+pytestmark = pytest.mark.skipif(not kv_store.runs_in_interpreter(), reason="needs TRITON_INTERPRET=1")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("block_size", "num_kv_heads", "head_dim"), [(4, 2, 8), (16, 3, 12)])

@@ -21,6 +21,10 @@ CASES = {
     "branches_with_idle_sequence": ([shared(6, (9, 1), (11, 2), (6, 0)), independent((5, 2))], 4, 2, 2, 8),
 }
 
+# These tests run the Triton kernels on CPU tensors, which only the interpreter can do. A GPU run with
+# TRITON_INTERPRET=0 covers the compiled kernels in test_kernels_cuda.py instead.
+pytestmark = pytest.mark.skipif(not triton_attention.runs_in_interpreter(), reason="needs TRITON_INTERPRET=1")
+
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
