@@ -160,7 +160,9 @@ class Engine:
             extra={"num_preemptions": float(scheduler.num_preemptions),
                    "peak_kv_blocks_used": float(scheduler.peak_used_blocks),
                    "num_steps": float(self._num_steps),
-                   "num_forward_tokens": float(self.runner.num_forward_tokens)})
+                   "num_forward_tokens": float(self.runner.num_forward_tokens),
+                   "num_logits_rows": float(self.runner.num_logits_rows),
+                   "num_attended_pairs": float(self.runner.num_attended_pairs)})
 
     def run_until(self, future: concurrent.futures.Future) -> None:
         while not future.done():
@@ -429,6 +431,7 @@ class AsyncEngine:
         done = asyncio.wrap_future(request.future)
         delivered = 0
         delivered_indices: set[int] = set()
+        getter: asyncio.Future | None = None
         try:
             while delivered < len(branches):
                 getter = asyncio.ensure_future(queue.get())
@@ -444,6 +447,8 @@ class AsyncEngine:
                 if done.exception() is not None:
                     raise done.exception()
         finally:
+            if getter is not None:
+                getter.cancel()  # a cancelled consumer leaves its queue.get() pending otherwise
             if delivered < len(branches) and not self._closed:
                 self._submit(lambda: self._abort_undelivered(request, delivered_indices))
 
