@@ -118,7 +118,7 @@ class RolloutServer:
         self.metrics.stop_http()
         # close() joins the engine thread, which may be finishing a step: keep the loop responsive.
         await asyncio.get_running_loop().run_in_executor(None, self.async_engine.close)
-        logger.info("stopped %s on %s after %.1fs: %d calls were in flight, released %d live states",
+        logger.info("stopped %s on %s after %.1fs: calls in flight at stop %d, live states released %d",
                     SERVICE_NAME, self.address, time.monotonic() - self._started_at, in_flight, released)
 
     async def wait_for_termination(self) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +28,7 @@ from runtime.server import RolloutServer
 from tests.runtime.conftest import action_chunks, observations, stub
 from trainer.rollout_client import RolloutServerError, WorldModelClient
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "vla_mbpo.v1.WorldModel"]
 SLOW_ENGINE = EngineConfig(block_size=8, num_kv_blocks=4096, max_num_seqs=2)  # 2 branches per step
 
@@ -197,3 +203,53 @@ def test_busy_port_fails_to_start(server, tiny_checkpoint):
             asyncio.run(busy.start())
     finally:
         busy.async_engine.close()
+
+
+def test_sigterm_stops_gracefully(tiny_checkpoint):
+    """The real CLI in a subprocess: SIGTERM flips health to NOT_SERVING, cancels what outlives the grace
+    period, releases every state and exits 0 with one log line at start and one at stop."""
+    command = [sys.executable, "-m", "vla_mbpo.cli", "serve", "--checkpoint", str(tiny_checkpoint), "--port", "0",
+               "--grace-period", "0.3", "--engine-max-num-seqs", "2", "--engine-num-kv-blocks", "4096",
+               "--engine-block-size", "8"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        started = wait_for(lambda: [line for line in log if " serving " in line], timeout=60)[0]
+        port = int(re.search(r" on 127\.0\.0\.1:(\d+): model tiny ", started).group(1))
+        target = f"127.0.0.1:{port}"
+        statuses: list[int] = []
+        channel = grpc.insecure_channel(target)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICES[2]))
+        watcher = threading.Thread(target=lambda: _collect_statuses(watch, statuses), daemon=True)
+        watcher.start()
+        with WorldModelClient(target) as client:
+            roots = client.create_states(["a", "b"], observations(2))
+            stream = client.imagine(roots[:1] * 1024, action_chunks(1024))
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(RolloutServerError) as info:
+                list(stream)  # cut off after the grace period
+        assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert proc.wait(timeout=30) == 0
+        watcher.join(timeout=10)
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+    lines = [line for line in log if "vla_mbpo.runtime" in line]
+    assert len(lines) == 2 and lines[0] is started
+    assert re.search(rf"stopped vla_mbpo\.v1\.WorldModel on {target} after \d+\.\ds: calls in flight at stop 1, "
+                     r"live states released 2$", lines[1].strip())
+
+
+def _collect_statuses(watch, statuses: list[int]) -> None:
+    try:
+        for reply in watch:
+            statuses.append(reply.status)
+    except grpc.RpcError:  # the server went away: the watch ends
+        pass
