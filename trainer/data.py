@@ -30,6 +30,7 @@ FORMAT = "vla-mbpo-episodes/1"
 MANIFEST_NAME = "manifest.json"
 VIEWS: tuple[str, ...] = ("head", "wrist")
 DEFAULT_CACHE_EPISODES = 16
+EPISODE_ARRAYS = ("head", "wrist", "actions", "success", "instruction", "task", "seed")
 
 
 class DataError(ValueError):
@@ -224,9 +225,10 @@ def load_episode(path: str | os.PathLike) -> Episode:
         raise DataError(f"{path}: episode file not found")
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("head", "wrist", "actions", "success", "instruction", "task", "seed")}
-    except KeyError as e:
-        raise DataError(f"{path}: episode file lacks array {e}") from e
+            missing = [k for k in EPISODE_ARRAYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: episode file lacks arrays {missing}")
+            arrays = {k: z[k] for k in EPISODE_ARRAYS}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path}: corrupt episode file: {e}") from e
     try:
