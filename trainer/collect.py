@@ -104,14 +104,15 @@ def collect(config: CollectConfig, out_dir: str | os.PathLike, append: bool = Fa
     first = config.seed + writer.num_episodes  # appending continues the seed sequence
     seeds = range(first, first + config.num_episodes)
     bar = tqdm(total=config.num_episodes, desc=f"collect {config.task}", unit="ep", disable=not progress)
-    successes = 0
+    successes = done = 0
     # spawn, not fork: a forked child would inherit the parent's GL state if it had one.
     with mp.get_context("spawn").Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
         for episode in pool.imap(_record_in_worker, seeds):
             writer.add(episode)
             successes += episode.succeeded
+            done += 1
             bar.update(1)
-            bar.set_postfix(success=f"{successes / bar.n:.2f}")
+            bar.set_postfix(success=f"{successes / done:.2f}")
     bar.close()
     return read_manifest(out_dir)["counts"]
 
