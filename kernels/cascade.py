@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .paged_attention import check_triton_layout, launch_paged_attention
-from .prefix_groups import group_queries_by_prefix, suffix_starts
+from .prefix_groups import CascadePlan, plan_cascade
 from .validation import check_cascade_inputs, check_merge_inputs
 
 
@@ -99,6 +99,7 @@ def cascade_attention(
     prefix_lens: torch.Tensor,  # int32 [num_prefixes]
     seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no shared prefix
     scale: float,
+    plan: CascadePlan | None = None,  # plan_cascade(...) of this batch, shared by all layers of a step
     num_splits: int | None = None,  # split-KV of both passes (None: automatic, only on CUDA)
     block_n: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
@@ -111,21 +112,18 @@ def cascade_attention(
         query, k_cache, v_cache, block_tables, ("seq_lens", seq_lens), ("query_start_loc", query_start_loc),
         ("prefix_block_tables", prefix_block_tables), ("prefix_lens", prefix_lens),
     )
-    num_prefixes = prefix_block_tables.shape[0]
-    token_order, prefix_query_start_loc = group_queries_by_prefix(
-        query_start_loc, seq_prefix_ids, num_prefixes, query.shape[0]
-    )
+    plan = plan or plan_cascade(query_start_loc, prefix_lens, seq_prefix_ids, query.shape[0])
     # Tokens of sequences without a prefix are in no prefix segment and keep this empty state.
     prefix_out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     prefix_lse = torch.full(query.shape[:2], float("-inf"), dtype=torch.float32, device=query.device)
     launch_paged_attention(
-        query, k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_query_start_loc, scale,
-        prefix_out, prefix_lse, causal=False, token_ids=token_order, num_splits=num_splits, block_n=block_n,
+        query, k_cache, v_cache, prefix_block_tables, prefix_lens, plan.prefix_query_start_loc, scale,
+        prefix_out, prefix_lse, causal=False, token_ids=plan.token_order, num_splits=num_splits, block_n=block_n,
     )
     out = torch.empty_like(query)
     launch_paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, None,
-        kv_start=suffix_starts(prefix_lens, seq_prefix_ids), causal=True, init_state=(prefix_out, prefix_lse),
+        kv_start=plan.suffix_starts, causal=True, init_state=(prefix_out, prefix_lse),
         num_splits=num_splits, block_n=block_n,
     )
     return out

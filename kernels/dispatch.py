@@ -24,6 +24,13 @@ from typing import Literal
 import torch
 
 from . import reference, torch_attention
+from .prefix_groups import CascadePlan, plan_cascade
+
+__all__ = [
+    "BACKENDS", "Backend", "CascadePlan", "cascade_attention", "get_backend", "merge_attention_states",
+    "paged_attention", "paged_attention_with_lse", "plan_cascade", "resolve_backend", "set_backend", "store_kv",
+    "use_backend",
+]
 
 Backend = Literal["auto", "torch", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "reference")
@@ -168,6 +175,7 @@ def cascade_attention(
     prefix_lens: torch.Tensor,  # int32 [num_prefixes]
     seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = the sequence has no shared prefix
     scale: float,
+    plan: CascadePlan | None = None,
     backend: Backend | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
     """paged_attention for a batch whose sequences share prefixes: the queries of all sequences on prefix
@@ -176,6 +184,9 @@ def cascade_attention(
 
     Requires, for a sequence on prefix p: its block table starts with the prefix's blocks (the prefix may
     end mid-block) and its queries lie after the prefix (prefix_lens[p] <= seq_len - q_len).
+
+    plan: optional plan_cascade(query_start_loc, prefix_lens, seq_prefix_ids, num_tokens), built once per
+    step and reused by every layer (the reference backend ignores it).
     """
     chosen = resolve_backend(query.device, backend)
     args = (
@@ -183,7 +194,7 @@ def cascade_attention(
         seq_prefix_ids, scale,
     )
     if chosen == "triton":
-        return _triton_module("cascade", query.device).cascade_attention(*args)
+        return _triton_module("cascade", query.device).cascade_attention(*args, plan=plan)
     if chosen == "torch":
-        return torch_attention.cascade_attention(*args)
+        return torch_attention.cascade_attention(*args, plan=plan)
     return reference.cascade_attention(*args)

@@ -1,12 +1,24 @@
 """Cascade metadata shared by the torch and Triton cascade paths: which query tokens meet which prefix.
 
 Everything is computed with tensor ops on the batch's device and without a device-to-host sync, so the
-Triton path can run inside a CUDA graph.
+Triton path can be captured in a CUDA graph. The plan depends only on the batch layout, not on the
+layer: an engine builds it once per step (plan_cascade) and passes it to every layer's call.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """How one batch's queries split into the prefix pass and the suffix pass of cascade attention."""
+
+    token_order: torch.Tensor  # int64 [num_tokens]: query tokens sorted by prefix id, prefix-less tokens last
+    prefix_query_start_loc: torch.Tensor  # int32 [num_prefixes + 1]: segments of token_order, one per prefix
+    suffix_starts: torch.Tensor  # int32 [num_seqs]: first key position read through the sequence's own table
 
 
 def group_queries_by_prefix(
@@ -28,9 +40,11 @@ def group_queries_by_prefix(
     token_prefix = seq_prefix_ids.long()[seq_of_token]  # [num_tokens]
     sort_keys = torch.where(token_prefix >= 0, token_prefix, num_prefixes)
     token_order = torch.sort(sort_keys, stable=True).indices
-    counts = torch.bincount(sort_keys, minlength=num_prefixes + 1)[:num_prefixes]
+    # scatter_add rather than bincount: bincount reads the maximum back to the host on CUDA.
+    counts = torch.zeros(num_prefixes + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, sort_keys, torch.ones_like(sort_keys))
     prefix_query_start_loc = torch.zeros(num_prefixes + 1, dtype=torch.int32, device=device)
-    prefix_query_start_loc[1:] = torch.cumsum(counts, 0)
+    prefix_query_start_loc[1:] = torch.cumsum(counts[:num_prefixes], 0)
     return token_order, prefix_query_start_loc
 
 
@@ -43,3 +57,16 @@ def suffix_starts(
         return torch.zeros_like(seq_prefix_ids)
     lens = prefix_lens[seq_prefix_ids.clamp(min=0).long()]
     return torch.where(seq_prefix_ids >= 0, lens, 0).to(torch.int32)
+
+
+def plan_cascade(
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    prefix_lens: torch.Tensor,  # int32 [num_prefixes]
+    seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no prefix
+    num_tokens: int,
+) -> CascadePlan:
+    """The cascade plan of one batch; valid for every layer of the step."""
+    token_order, prefix_query_start_loc = group_queries_by_prefix(
+        query_start_loc, seq_prefix_ids, prefix_lens.shape[0], num_tokens
+    )
+    return CascadePlan(token_order, prefix_query_start_loc, suffix_starts(prefix_lens, seq_prefix_ids))

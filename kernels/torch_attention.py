@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .prefix_groups import group_queries_by_prefix, suffix_starts
+from .prefix_groups import CascadePlan, plan_cascade
 from .validation import check_attention_inputs, check_cascade_inputs, check_merge_inputs, check_store_kv_inputs
 
 # Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
@@ -147,7 +147,8 @@ def paged_attention_with_lse(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     for seq_list, max_q in _plan_batches(q_lens.tolist()):
         seq_ids = torch.tensor(seq_list, dtype=torch.long, device=query.device)
-        max_keys = int(seq_lens.max()) + block_size
+        # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
+        max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size
         chunk = _batch_chunk_size(max_q, max_keys, num_heads, num_kv_heads, head_dim)
         for begin in range(0, len(seq_list), chunk):
             ids = seq_ids[begin : begin + chunk]
@@ -200,25 +201,25 @@ def cascade_attention(
     prefix_lens: torch.Tensor,  # int32 [num_prefixes]
     seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no shared prefix
     scale: float,
+    plan: CascadePlan | None = None,  # plan_cascade(...) of this batch, shared by all layers of a step
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
     """Prefix pass (all branches of a prefix at once) + causal suffix pass, merged by log-sum-exp."""
     check_cascade_inputs(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, prefix_block_tables, prefix_lens,
         seq_prefix_ids,
     )
-    num_prefixes = prefix_block_tables.shape[0]
-    token_order, prefix_qsl = group_queries_by_prefix(query_start_loc, seq_prefix_ids, num_prefixes, query.shape[0])
+    plan = plan or plan_cascade(query_start_loc, prefix_lens, seq_prefix_ids, query.shape[0])
     # Tokens without a prefix sort last, outside every segment: they come back with out 0 and lse -inf.
     grouped_out, grouped_lse = paged_attention_with_lse(
-        query[token_order], k_cache, v_cache, prefix_block_tables, prefix_lens, prefix_qsl, scale, causal=False
+        query[plan.token_order], k_cache, v_cache, prefix_block_tables, prefix_lens, plan.prefix_query_start_loc,
+        scale, causal=False,
     )
     prefix_out = torch.empty_like(grouped_out)
     prefix_lse = torch.empty_like(grouped_lse)
-    prefix_out[token_order] = grouped_out
-    prefix_lse[token_order] = grouped_lse
+    prefix_out[plan.token_order] = grouped_out
+    prefix_lse[plan.token_order] = grouped_lse
     suffix_out, suffix_lse = paged_attention_with_lse(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-        kv_start=suffix_starts(prefix_lens, seq_prefix_ids),
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, kv_start=plan.suffix_starts
     )
     out, _ = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
     return out.to(query.dtype)

@@ -12,6 +12,7 @@ import torch
 from kernel_cases import TOLERANCES, independent, make_batch, shared
 
 from kernels import cascade, reference
+from kernels.prefix_groups import plan_cascade
 
 CASES = {
     # name: (groups, block_size, num_kv_heads, group_size)
@@ -116,3 +117,15 @@ def test_merge_rejects_mismatched_lse():
         cascade.merge_attention_states(out, torch.zeros(2, 3), out, torch.zeros(3, 2))
     with pytest.raises(ValueError, match="lse_a must be torch.float32, got torch.float16"):
         cascade.merge_attention_states(out, torch.zeros(2, 3).half(), out, torch.zeros(2, 3))
+
+
+def test_a_plan_built_once_serves_every_call_and_is_exact():
+    batch = make_batch([shared(6, (9, 1), (8, 2)), independent((4, 1)), shared(4, (7, 3))], 4, 1, 2, 8, seed=27)
+    plan = plan_cascade(batch.query_start_loc, batch.prefix_lens, batch.seq_prefix_ids, batch.query.shape[0])
+    # tokens 0 (seq 0), 1-2 (seq 1) on prefix 0; token 3 (seq 2) alone; tokens 4-6 (seq 3) on prefix 1
+    assert plan.token_order.tolist() == [0, 1, 2, 4, 5, 6, 3]
+    assert plan.prefix_query_start_loc.tolist() == [0, 3, 6]
+    assert plan.suffix_starts.tolist() == [6, 6, 0, 4]
+    expected = reference.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(cascade.cascade_attention(*batch.cascade_args(), plan=plan), expected,
+                               **TOLERANCES[torch.float32])
