@@ -190,12 +190,14 @@ class EvalConfig:
     num_workers: int = 2
     envs_per_worker: int = 10
     greedy: bool = True
+    max_steps: int = 96  # what `vla-mbpo collect` records: 12 chunks of 8
+
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_ids", tuple(self.env_ids))
         problems: list[str] = []
         _require(problems, len(self.env_ids) > 0, "env_ids must not be empty")
-        for name in ("episodes", "num_workers", "envs_per_worker"):
+        for name in ("episodes", "num_workers", "envs_per_worker", "max_steps"):
             _require(problems, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(problems, self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _raise_if("EvalConfig", problems)

@@ -1,0 +1,156 @@
+"""Real-env success of a policy: seeded episodes per task family, spread over worker processes.
+
+`vla-mbpo evaluate --policy CKPT --episodes 100 --seed S` runs `episodes` episodes of every task family
+(episode j uses env seed S + j, so two policies meet exactly the same scenes) and prints the success rate
+per family and their mean. Each worker steps a group of envs in lockstep so the policy runs batched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import EvalConfig
+from trainer.policy import VlaPolicy, load_policy, make_batch
+
+
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    env_id: str
+    seed: int
+    success: bool
+    env_steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-family success rates (fractions in [0, 1]), their mean, and every episode's outcome."""
+
+    success_rate: dict[str, float]
+    mean_success: float
+    episodes: tuple[EpisodeOutcome, ...]
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"success_rate": self.success_rate, "mean_success": self.mean_success, "seconds": self.seconds,
+                "episodes": [asdict(e) for e in self.episodes]}
+
+
+def family_name(env_id: str) -> str:
+    """"VlaMbpo/Lift-v0" -> "lift"."""
+    return env_id.split("/")[-1].split("-")[0].lower()
+
+
+def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool, group_size: int, max_steps: int,
+                 generator: torch.Generator | None = None) -> list[EpisodeOutcome]:
+    """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls."""
+    import gymnasium as gym
+
+    import trainer.envs  # noqa: F401  (registers the gymnasium ids)
+
+    envs = [gym.make(env_id, max_steps=max_steps).unwrapped for _ in range(min(group_size, len(seeds)))]
+    chunk = policy.config.chunk_size
+    outcomes: list[EpisodeOutcome] = []
+    try:
+        for start in range(0, len(seeds), len(envs)):
+            group = seeds[start: start + len(envs)]
+            observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, group, strict=False)]
+            steps = [0] * len(group)
+            success = [False] * len(group)
+            active = list(range(len(group)))
+            while active:
+                batch = make_batch(np.stack([observations[i]["head"] for i in active]),
+                                   np.stack([observations[i]["wrist"] for i in active]),
+                                   [envs[i].instruction for i in active], policy.config)
+                actions, _, _, _ = policy.act(batch, generator=generator, greedy=greedy)
+                still_active = []
+                for row, i in enumerate(active):
+                    obs, _, terminated, truncated, info = envs[i].step_chunk(actions[row, :chunk].numpy())
+                    observations[i] = obs
+                    steps[i] += int(info["num_steps_taken"])
+                    success[i] = bool(info["success"])
+                    if not (terminated or truncated):
+                        still_active.append(i)
+                active = still_active
+            outcomes += [EpisodeOutcome(env_id, seed, success[i], steps[i]) for i, seed in enumerate(group)]
+    finally:
+        for env in envs:
+            env.close()
+    return outcomes
+
+
+def _worker(args: tuple[str, str, list[int], bool, int, int, int]) -> list[EpisodeOutcome]:
+    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed = args
+    torch.set_num_threads(1)  # the workers already use every core
+    policy, _ = load_policy(Path(policy_dir))
+    return run_episodes(policy, env_id, seeds, greedy, group_size, max_steps,
+                        torch.Generator().manual_seed(sample_seed))
+
+
+def evaluate_policy(policy_dir: Path, config: EvalConfig) -> EvalResult:
+    """Success per family over `config.episodes` seeded episodes each, on `config.num_workers` processes."""
+    started = time.perf_counter()
+    jobs = []
+    for env_id in config.env_ids:
+        seeds = [config.seed + j for j in range(config.episodes)]
+        per_job = max(1, -(-len(seeds) // config.num_workers))
+        for k in range(0, len(seeds), per_job):
+            jobs.append((str(policy_dir), env_id, seeds[k: k + per_job], config.greedy, config.envs_per_worker,
+                         config.max_steps, config.seed + 7919 * len(jobs)))
+    if config.num_workers == 1:
+        results = [_worker(job) for job in jobs]
+    else:
+        # spawn, not fork: forking a process that holds torch threads and a GL context is unsafe
+        with multiprocessing.get_context("spawn").Pool(config.num_workers) as pool:
+            results = pool.map(_worker, jobs)
+    outcomes = tuple(o for chunk in results for o in chunk)
+    rates = {}
+    for env_id in config.env_ids:
+        mine = [o.success for o in outcomes if o.env_id == env_id]
+        rates[family_name(env_id)] = float(np.mean(mine))
+    return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started)
+
+
+def format_table(rows: dict[str, EvalResult]) -> str:
+    """A markdown table: one row per method, success % per family and the mean."""
+    families = list(next(iter(rows.values())).success_rate)
+    lines = ["| method | " + " | ".join(families) + " | mean |", "|---" * (len(families) + 2) + "|"]
+    for name, result in rows.items():
+        cells = [f"{100 * result.success_rate[f]:.1f}" for f in families]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * result.mean_success:.1f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(prog="vla-mbpo evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", type=Path, required=True, help="policy checkpoint directory")
+    parser.add_argument("--episodes", type=int, default=defaults.episodes, help="episodes per task family")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="episode j uses env seed SEED + j")
+    parser.add_argument("--tasks", default=",".join(defaults.env_ids), help="comma-separated gymnasium env ids")
+    parser.add_argument("--workers", type=int, default=defaults.num_workers, help="worker processes")
+    parser.add_argument("--envs-per-worker", type=int, default=defaults.envs_per_worker)
+    parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the mode")
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
+                        num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample)
+    result = evaluate_policy(args.policy, config)
+    print(format_table({str(args.policy): result}))
+    print(f"{len(result.episodes)} episodes in {result.seconds:.1f} s", file=sys.stderr)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result.to_json(), indent=2))
+    return 0

@@ -1,0 +1,181 @@
+"""Branched chunk rollouts of the policy in the served world model (PAPER.md step 3a-3b).
+
+From each real start state: CreateStates once, then G branches that each roll the policy forward n
+chunks through Imagine. A branch's reward after a chunk is the model's success judgement; success
+latches `done`, so a finished branch is not rolled further. All but the last chunk keep their state;
+every created or kept state is released before returning, also when something fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.policy import VlaPolicy, make_batch
+from trainer.rollout_client import WorldModelClient
+
+POLICY_BATCH = 1024  # rows per policy forward: bounds activation memory at M = 1024, G > 1
+
+
+@dataclass(frozen=True)
+class StartState:
+    """A real observation to branch from."""
+
+    instruction: str
+    head: np.ndarray  # [H, W, 3] uint8
+    wrist: np.ndarray  # [H, W, 3] uint8
+
+
+@dataclass(frozen=True)
+class ImaginedRollouts:
+    """B = M * G branches of up to T = n chunks each. Entries of steps after `done` are zero and invalid."""
+
+    head: np.ndarray  # [B, T, H, W, 3] uint8: the observation each chunk was chosen from
+    wrist: np.ndarray  # [B, T, H, W, 3] uint8
+    instructions: list[str]  # [B]
+    bins: torch.Tensor  # [B, T, D] int64
+    log_probs: torch.Tensor  # [B, T]
+    values: torch.Tensor  # [B, T]
+    rewards: torch.Tensor  # [B, T] 1.0 where the model judged success after the chunk
+    success_prob: torch.Tensor  # [B, T]
+    terminated: torch.Tensor  # [B, T] bool
+    valid: torch.Tensor  # [B, T] bool
+    bootstrap_values: torch.Tensor  # [B] V of the last imagined observation (0 where the branch succeeded)
+
+    @property
+    def num_branches(self) -> int:
+        return int(self.bins.shape[0])
+
+
+def _policy_step(policy: VlaPolicy, head: np.ndarray, wrist: np.ndarray, instructions: list[str],
+                 generator: torch.Generator, temperature: float) -> tuple[torch.Tensor, ...]:
+    """act() in slices of POLICY_BATCH rows. Returns (actions [N, k, d], bins, log_probs, values)."""
+    parts = []
+    for s in range(0, len(instructions), POLICY_BATCH):
+        batch = make_batch(head[s: s + POLICY_BATCH], wrist[s: s + POLICY_BATCH], instructions[s: s + POLICY_BATCH],
+                           policy.config)
+        parts.append(policy.act(batch, generator=generator, temperature=temperature))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+
+
+def policy_values(policy: VlaPolicy, head: np.ndarray, wrist: np.ndarray, instructions: list[str]) -> torch.Tensor:
+    """Critic values of observations, in slices. -> [N]"""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(instructions), POLICY_BATCH):
+            batch = make_batch(head[s: s + POLICY_BATCH], wrist[s: s + POLICY_BATCH],
+                               instructions[s: s + POLICY_BATCH], policy.config)
+            out.append(policy(batch).values)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class Imaginer:
+    """Runs branched rollouts over one client, splitting requests to the server's limits."""
+
+    def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4) -> None:
+        self.client = client
+        self.info = client.model_info()
+        self.max_parallel_requests = max_parallel_requests
+
+    def rollout(self, policy: VlaPolicy, starts: Sequence[StartState], branches_per_state: int, horizon_chunks: int,
+                generator: torch.Generator, seed_base: int, world_model_temperature: float = 1.0,
+                reward_threshold: float = 0.5, policy_temperature: float = 1.0) -> ImaginedRollouts:
+        """Rolls G = branches_per_state branches per start state for n = horizon_chunks chunks."""
+        if horizon_chunks > self.info.max_chunks_per_branch:
+            raise ValueError(f"horizon_chunks={horizon_chunks} exceeds the server's max_chunks_per_branch="
+                             f"{self.info.max_chunks_per_branch}")
+        owned: list[str] = []  # every state this rollout created or kept, released in `finally`
+        try:
+            state_ids = self._create_states(starts)
+            owned += state_ids
+            return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator, seed_base,
+                              world_model_temperature, reward_threshold, policy_temperature, owned)
+        finally:
+            for s in range(0, len(owned), max(1, self.info.max_states_per_request)):
+                self.client.release(owned[s: s + self.info.max_states_per_request])
+
+    def _create_states(self, starts: Sequence[StartState]) -> list[str]:
+        ids: list[str] = []
+        step = max(1, self.info.max_states_per_request)
+        for s in range(0, len(starts), step):
+            part = starts[s: s + step]
+            ids += self.client.create_states([x.instruction for x in part],
+                                             [{"head": x.head, "wrist": x.wrist} for x in part])
+        return ids
+
+    def _roll(self, policy: VlaPolicy, starts: Sequence[StartState], state_ids: list[str], g: int, n: int,
+              generator: torch.Generator, seed_base: int, wm_temperature: float, threshold: float,
+              policy_temperature: float, owned: list[str]) -> ImaginedRollouts:
+        b = len(starts) * g
+        instructions = [starts[i // g].instruction for i in range(b)]
+        head = np.stack([starts[i // g].head for i in range(b)])  # [B, H, W, 3]
+        wrist = np.stack([starts[i // g].wrist for i in range(b)])
+        current = [state_ids[i // g] for i in range(b)]
+        d = policy.config.num_action_tokens
+        out_head = np.zeros((b, n, *head.shape[1:]), dtype=np.uint8)
+        out_wrist = np.zeros_like(out_head)
+        bins = torch.zeros((b, n, d), dtype=torch.int64)
+        log_probs, values, rewards, probs = (torch.zeros((b, n)) for _ in range(4))
+        terminated = torch.zeros((b, n), dtype=torch.bool)
+        valid = torch.zeros((b, n), dtype=torch.bool)
+        active = np.arange(b)
+        for c in range(n):
+            actions, chunk_bins, chunk_logp, chunk_values = _policy_step(
+                policy, head[active], wrist[active], [instructions[i] for i in active], generator, policy_temperature)
+            rows = torch.from_numpy(active)
+            out_head[active, c], out_wrist[active, c] = head[active], wrist[active]
+            bins[rows, c], log_probs[rows, c], values[rows, c] = chunk_bins, chunk_logp, chunk_values
+            valid[rows, c] = True
+            seeds = [seed_base + int(i) * n + c for i in active]
+            results = self._imagine([current[i] for i in active], actions.numpy(), seeds, keep=c < n - 1,
+                                    temperature=wm_temperature, owned=owned)
+            still_active = []
+            for row, i in enumerate(active):
+                result = results[row]
+                if result.state_id is not None:
+                    current[i] = result.state_id
+                probs[i, c] = result.success_prob
+                success = result.success_prob > threshold
+                rewards[i, c] = float(success)
+                terminated[i, c] = success
+                head[i], wrist[i] = result.images["head"], result.images["wrist"]
+                if not success:
+                    still_active.append(i)
+            active = np.asarray(still_active, dtype=np.int64)
+            if active.size == 0:
+                break
+        bootstrap = torch.zeros(b)
+        if active.size:
+            bootstrap[torch.from_numpy(active)] = policy_values(policy, head[active], wrist[active],
+                                                                [instructions[i] for i in active])
+        return ImaginedRollouts(out_head, out_wrist, instructions, bins, log_probs, values, rewards, probs,
+                                terminated, valid, bootstrap)
+
+    def _imagine(self, state_ids: list[str], actions: np.ndarray, seeds: list[int], keep: bool, temperature: float,
+                 owned: list[str]) -> list:
+        """One Imagine per slice of max_branches_per_request, a few in flight at once; results in input order.
+        Kept states go into `owned` as they arrive, so a failing slice cannot leak its siblings' states."""
+        step = max(1, self.info.max_branches_per_request)
+        slices = [(s, min(s + step, len(state_ids))) for s in range(0, len(state_ids), step)]
+
+        def run(bounds: tuple[int, int]) -> list:
+            lo, hi = bounds
+            got = [None] * (hi - lo)
+            for result in self.client.imagine(state_ids[lo:hi], actions[lo:hi], seeds=seeds[lo:hi], keep_state=keep,
+                                              temperature=temperature, return_images=True):
+                got[result.index] = result
+                if result.state_id is not None:
+                    owned.append(result.state_id)  # list.append is atomic under the GIL
+            missing = [lo + k for k, r in enumerate(got) if r is None]
+            if missing:
+                raise RuntimeError(f"Imagine stream ended without results for branches {missing[:8]}")
+            return got
+
+        with ThreadPoolExecutor(max_workers=min(self.max_parallel_requests, len(slices))) as pool:
+            parts = list(pool.map(run, slices))
+        return [r for part in parts for r in part]
+

@@ -1,0 +1,249 @@
+"""`vla-mbpo train`: VLA-MBPO, PPO on branched chunk rollouts imagined by the served world model.
+
+Each iteration: sample M start states uniformly over (episode, time step) of the real buffer; roll G
+branches per state n chunks through the server; chunk-level GAE with critic bootstrap at the branch end;
+`updates_per_refill` PPO minibatch steps. The only real interaction is the buffer itself (its step count
+is logged as `real_env_steps`). Checkpoints (policy + optimiser + RNG) are written every iteration into
+OUT/latest, so `--resume` continues a stopped run; metrics go to OUT/metrics.jsonl, one JSON per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
+from trainer.data import EpisodeDataset
+from trainer.imagination import ImaginedRollouts, Imaginer, StartState
+from trainer.policy import PolicyBatch, VlaPolicy, load_policy, make_batch, save_policy
+from trainer.ppo import PPOLearner, RolloutBatch, compute_gae, next_values_from
+from trainer.rollout_client import WorldModelClient
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+class StartStateSampler:
+    """Uniform (episode, t) start states from a recorded buffer, every episode kept in memory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        probe = EpisodeDataset(data_dir)
+        self.dataset = EpisodeDataset(data_dir, cache_episodes=max(1, len(probe)))
+        self.real_env_steps = int(self.dataset.manifest["counts"]["steps"])
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[StartState]:
+        states = []
+        for episode_index, t in self.dataset.sample_start_states(n, rng):
+            episode = self.dataset.load(episode_index)
+            states.append(StartState(episode.instruction, episode.head[t], episode.wrist[t]))
+        return states
+
+
+def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig,
+                      policy_config: PolicyConfig) -> tuple[RolloutBatch, dict[str, float]]:
+    """Chunk-level GAE over each branch, then the valid steps flattened for PPO."""
+    advantages, returns = compute_gae(rollouts.rewards, rollouts.values,
+                                      next_values_from(rollouts.values, rollouts.bootstrap_values),
+                                      rollouts.terminated, rollouts.terminated, rollouts.valid, config.gamma,
+                                      config.gae_lambda)
+    valid = rollouts.valid
+    flat = valid.reshape(-1).numpy()
+    b, t = valid.shape
+    head = rollouts.head.reshape(b * t, *rollouts.head.shape[2:])[flat]
+    wrist = rollouts.wrist.reshape(b * t, *rollouts.wrist.shape[2:])[flat]
+    instructions = [rollouts.instructions[i // t] for i in np.flatnonzero(flat)]
+    observations = make_batch(head, wrist, instructions, policy_config)
+    batch = RolloutBatch(observations, rollouts.bins[valid], rollouts.log_probs[valid], rollouts.values[valid],
+                         advantages[valid], returns[valid])
+    stats = {"imagine/success_rate": float(rollouts.terminated.any(1).float().mean()),
+             "imagine/success_prob_mean": float(rollouts.success_prob[valid].mean()),
+             "imagine/valid_steps": int(valid.sum()),
+             "ppo/advantage_mean": float(advantages[valid].mean()), "ppo/advantage_std": float(advantages[valid].std()),
+             "ppo/value_mean": float(rollouts.values[valid].mean()), "ppo/return_mean": float(returns[valid].mean())}
+    return batch, stats
+
+
+class MBPOTrainer:
+    """One VLA-MBPO run: holds the policy, the PPO learner, the RNGs and the metrics file."""
+
+    def __init__(self, policy: VlaPolicy, client: WorldModelClient, sampler: StartStateSampler, out_dir: Path,
+                 config: MBPOConfig, ppo: PPOConfig, eval_config: EvalConfig | None = None) -> None:
+        self.policy, self.client, self.sampler, self.out_dir = policy, client, sampler, out_dir
+        self.config, self.ppo, self.eval_config = config, ppo, eval_config
+        self.learner = PPOLearner(policy, ppo, seed=config.seed)
+        self.imaginer = Imaginer(client)
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.iteration = 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> None:
+        latest = self.out_dir / "latest"
+        save_policy(self.policy, latest, {"stage": "mbpo", "iteration": self.iteration})
+        torch.save({"iteration": self.iteration, "optimizer": self.learner.optimizer.state_dict(),
+                    "learner_generator": self.learner.generator.get_state(), "generator": self.generator.get_state(),
+                    "rng": self.rng.bit_generator.state, "config": asdict(self.config)}, latest / TRAINER_STATE)
+
+    def resume(self) -> bool:
+        """Loads OUT/latest if it exists; returns whether it did."""
+        latest = self.out_dir / "latest"
+        if not (latest / TRAINER_STATE).is_file():
+            return False
+        policy, _ = load_policy(latest)
+        self.policy.load_state_dict(policy.state_dict())
+        state = torch.load(latest / TRAINER_STATE, weights_only=False)
+        self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.learner.generator.set_state(state["learner_generator"])
+        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        self.iteration = int(state["iteration"])
+        return True
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        """Real-env success of the current policy (the eval config's seeded episodes)."""
+        from trainer.evaluate import evaluate_policy
+
+        snapshot = self.out_dir / "eval_snapshot"
+        save_policy(self.policy, snapshot, {"stage": "mbpo", "iteration": self.iteration})
+        result = evaluate_policy(snapshot, self.eval_config)
+        out = {"real/success_mean": result.mean_success}
+        out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
+        return out
+
+    def should_evaluate(self) -> bool:
+        return self.eval_config is not None and (self.iteration % self.config.eval_every == 0
+                                                 or self.iteration == self.config.iterations)
+
+    def run_iteration(self) -> dict[str, float]:
+        config = self.config
+        started = time.perf_counter()
+        rollout_parts = []
+        for s in range(0, config.num_start_states, config.states_per_wave):
+            starts = self.sampler.sample(min(config.states_per_wave, config.num_start_states - s), self.rng)
+            seed_base = int(self.rng.integers(0, 2**62))
+            rollout_parts.append(self.imaginer.rollout(
+                self.policy, starts, config.branches_per_state, config.horizon_chunks, self.generator, seed_base,
+                config.world_model_temperature, config.reward_threshold, config.policy_temperature))
+        imagine_seconds = time.perf_counter() - started
+        batches = [rollouts_to_batch(part, self.ppo, self.policy.config) for part in rollout_parts]
+        batch = _concat_batches([b for b, _ in batches])
+        chunks = sum(int(part.valid.sum()) for part in rollout_parts)
+        stats = _mean_stats([s for _, s in batches], [s["imagine/valid_steps"] for _, s in batches])
+        update_started = time.perf_counter()
+        stats.update({f"ppo/{k}": v for k, v in self.learner.update(batch).items()})
+        stats.update({"imagine/branches": sum(p.num_branches for p in rollout_parts), "imagine/chunks": chunks,
+                      "imagine/seconds": imagine_seconds, "imagine/chunks_per_second": chunks / imagine_seconds,
+                      "update/seconds": time.perf_counter() - update_started})
+        return stats
+
+    def train(self, progress: bool = True) -> VlaPolicy:
+        from tqdm import tqdm
+
+        if self.iteration == 0 and self.eval_config is not None:
+            self.log({"iteration": 0, "real_env_steps": self.sampler.real_env_steps, **self.evaluate()})
+        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="vla-mbpo", disable=not progress)
+        while self.iteration < self.config.iterations:
+            stats = self.run_iteration()
+            self.iteration += 1
+            record = {"iteration": self.iteration, "real_env_steps": self.sampler.real_env_steps, **stats}
+            if self.should_evaluate():
+                record.update(self.evaluate())
+            self.log(record)
+            self.save()
+            bar.update(1)
+            shown = {"imag_succ": f"{stats['imagine/success_rate']:.2f}"}
+            if "real/success_mean" in record:
+                shown["real"] = f"{record['real/success_mean']:.2f}"
+            bar.set_postfix(shown)
+        bar.close()
+        save_policy(self.policy, self.out_dir / "policy", {"stage": "mbpo", "iteration": self.iteration,
+                                                            "mbpo_config": asdict(self.config),
+                                                            "ppo_config": asdict(self.ppo)})
+        return self.policy
+
+
+def _concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    obs = PolicyBatch(torch.cat([b.observations.head for b in batches]),
+                      torch.cat([b.observations.wrist for b in batches]),
+                      torch.cat([b.observations.instruction for b in batches]))
+    return RolloutBatch(obs, torch.cat([b.bins for b in batches]), torch.cat([b.old_log_probs for b in batches]),
+                        torch.cat([b.old_values for b in batches]), torch.cat([b.advantages for b in batches]),
+                        torch.cat([b.returns for b in batches]))
+
+
+def _mean_stats(stats: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    total = max(1, sum(weights))
+    out = {k: sum(s[k] * w for s, w in zip(stats, weights, strict=True)) / total for k in stats[0]}
+    out["imagine/valid_steps"] = float(sum(weights))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    m, p = MBPOConfig(), PPOConfig()
+    parser = argparse.ArgumentParser(prog="vla-mbpo train", description=__doc__.splitlines()[0])
+    parser.add_argument("--server", required=True, help="rollout server HOST:PORT")
+    parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
+    parser.add_argument("--data", type=Path, required=True, help="real replay buffer (recorded episodes)")
+    parser.add_argument("--policy", type=Path, required=True, help="initial (SFT) policy checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: metrics, checkpoints, final policy")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    parser.add_argument("--iterations", type=int, default=m.iterations)
+    parser.add_argument("--num-start-states", "-M", type=int, default=m.num_start_states)
+    parser.add_argument("--branches-per-state", "-G", type=int, default=m.branches_per_state)
+    parser.add_argument("--horizon-chunks", "-n", type=int, default=m.horizon_chunks)
+    parser.add_argument("--states-per-wave", type=int, default=m.states_per_wave,
+                        help="start states alive on the server at once")
+    parser.add_argument("--wm-temperature", type=float, default=m.world_model_temperature)
+    parser.add_argument("--reward-threshold", type=float, default=m.reward_threshold)
+    parser.add_argument("--updates-per-refill", type=int, default=p.updates_per_refill)
+    parser.add_argument("--minibatch-size", type=int, default=p.minibatch_size)
+    parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
+    parser.add_argument("--critic-lr", type=float, default=p.critic_lr)
+    parser.add_argument("--clip-ratio", type=float, default=p.clip_ratio)
+    parser.add_argument("--eval-every", type=int, default=m.eval_every)
+    parser.add_argument("--eval-episodes", type=int, default=m.eval_episodes,
+                        help="real episodes per task family at each evaluation (0: no evaluation)")
+    parser.add_argument("--eval-seed", type=int, default=EvalConfig().seed)
+    parser.add_argument("--eval-workers", type=int, default=EvalConfig().num_workers)
+    parser.add_argument("--seed", type=int, default=m.seed)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
+                        branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,
+                        world_model_temperature=args.wm_temperature, reward_threshold=args.reward_threshold,
+                        states_per_wave=args.states_per_wave, eval_every=args.eval_every,
+                        eval_episodes=args.eval_episodes, seed=args.seed)
+    ppo = PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,
+                    actor_lr=args.actor_lr, critic_lr=args.critic_lr, clip_ratio=args.clip_ratio)
+    eval_config = None
+    if args.eval_episodes > 0:
+        eval_config = EvalConfig(episodes=args.eval_episodes, seed=args.eval_seed, num_workers=args.eval_workers)
+    policy, _ = load_policy(args.policy)
+    with WorldModelClient(args.server, token=args.token) as client:
+        client.wait_ready(timeout=60.0)
+        trainer = MBPOTrainer(policy, client, StartStateSampler(args.data), args.out, config, ppo, eval_config)
+        if args.resume and trainer.resume():
+            print(f"resumed {args.out} at iteration {trainer.iteration}", file=sys.stderr)
+        elif (args.out / "metrics.jsonl").exists():
+            print(f"vla-mbpo train: error: {args.out} already holds a run; pass --resume or pick a new --out",
+                  file=sys.stderr)
+            return 2
+        trainer.train(progress=not args.no_progress)
+    print(f"wrote {args.out / 'policy'}")
+    return 0
