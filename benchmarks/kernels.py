@@ -16,14 +16,13 @@ Triton paths are timed twice: eager (each call pays Python and launch overhead) 
 CUDA graph (kernel time only, as an engine that captures its decode step would see it). The cascade
 plan is built once outside the timed call, as the engine builds it once per step for all layers.
 
-    python -m benchmarks.kernels --out kernels.json           # or: vla-mbpo bench kernels
+    python -m benchmarks.kernels --json kernels.json          # or: vla-mbpo bench kernels
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks import common
 from kernels import dispatch
 
 # Peak DRAM bandwidth (bytes/s) by device name, used when torch does not report the memory clock.
@@ -192,8 +192,7 @@ def peak_bandwidth(device: torch.device) -> float | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "num_threads": torch.get_num_threads()}
+    info = {**common.machine_info(), "device": str(device)}
     if device.type == "cuda":
         import triton
 
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="the small CPU shapes on any device")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -297,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "failures": failures,
     }
-    if args.out:
-        with open(args.out, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 1 if failures else 0
 
