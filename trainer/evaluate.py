@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainer.config import EvalConfig
+from trainer.data import VIEWS, DatasetMeta, Episode, EpisodeWriter
 from trainer.policy import VlaPolicy, load_policy, make_batch
 
 
@@ -28,6 +30,37 @@ class EpisodeOutcome:
     seed: int
     success: bool
     env_steps: int
+    episode: Episode | None = None  # every frame and action, when recorded
+
+
+class EpisodeRecorder:
+    """Steps a chunk one action at a time and keeps every frame, for the replay buffer."""
+
+    def __init__(self, obs: dict[str, np.ndarray], instruction: str, task: str, seed: int) -> None:
+        self.frames = {view: [obs[view]] for view in VIEWS}
+        self.actions: list[np.ndarray] = []
+        self.success = [False]
+        self.instruction, self.task, self.seed = instruction, task, seed
+
+    def step_chunk(self, env, actions: np.ndarray) -> tuple[dict, bool, bool, dict]:
+        terminated = truncated = False
+        taken = 0
+        for action in actions:
+            obs, _, terminated, truncated, info = env.step(action)
+            taken += 1
+            for view in VIEWS:
+                self.frames[view].append(obs[view])
+            self.actions.append(np.asarray(action, dtype=np.float32))
+            self.success.append(bool(info["success"]))
+            if terminated or truncated:
+                break
+        info["num_steps_taken"] = taken
+        return obs, terminated, truncated, info
+
+    def finish(self) -> Episode:
+        return Episode(head=np.stack(self.frames["head"]), wrist=np.stack(self.frames["wrist"]),
+                       actions=np.stack(self.actions), success=np.asarray(self.success, dtype=bool),
+                       instruction=self.instruction, task=self.task, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -41,7 +74,8 @@ class EvalResult:
 
     def to_json(self) -> dict:
         return {"success_rate": self.success_rate, "mean_success": self.mean_success, "seconds": self.seconds,
-                "episodes": [asdict(e) for e in self.episodes]}
+                "episodes": [{"env_id": e.env_id, "seed": e.seed, "success": e.success, "env_steps": e.env_steps}
+                             for e in self.episodes]}
 
 
 def family_name(env_id: str) -> str:
@@ -50,8 +84,12 @@ def family_name(env_id: str) -> str:
 
 
 def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool, group_size: int, max_steps: int,
-                 generator: torch.Generator | None = None) -> list[EpisodeOutcome]:
-    """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls."""
+                 generator: torch.Generator | None = None, record: bool = False) -> list[EpisodeOutcome]:
+    """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls.
+
+    With `record`, every control step's frames are kept and each outcome carries its Episode (the replay
+    buffer format); otherwise only the observation after each chunk is rendered.
+    """
     import gymnasium as gym
 
     import trainer.envs  # noqa: F401  (registers the gymnasium ids)
@@ -65,6 +103,8 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
             observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, group, strict=False)]
             steps = [0] * len(group)
             success = [False] * len(group)
+            recorders = [EpisodeRecorder(obs, env.instruction, env.task_family, seed)
+                         for obs, env, seed in zip(observations, envs, group, strict=False)] if record else None
             active = list(range(len(group)))
             while active:
                 batch = make_batch(np.stack([observations[i]["head"] for i in active]),
@@ -73,30 +113,36 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
                 actions, _, _, _ = policy.act(batch, generator=generator, greedy=greedy)
                 still_active = []
                 for row, i in enumerate(active):
-                    obs, _, terminated, truncated, info = envs[i].step_chunk(actions[row, :chunk].numpy())
+                    chunk_actions = actions[row, :chunk].numpy()  # [k, 4]
+                    if record:
+                        obs, terminated, truncated, info = recorders[i].step_chunk(envs[i], chunk_actions)
+                    else:
+                        obs, _, terminated, truncated, info = envs[i].step_chunk(chunk_actions)
                     observations[i] = obs
                     steps[i] += int(info["num_steps_taken"])
                     success[i] = bool(info["success"])
                     if not (terminated or truncated):
                         still_active.append(i)
                 active = still_active
-            outcomes += [EpisodeOutcome(env_id, seed, success[i], steps[i]) for i, seed in enumerate(group)]
+            outcomes += [EpisodeOutcome(env_id, seed, success[i], steps[i], recorders[i].finish() if record else None)
+                         for i, seed in enumerate(group)]
     finally:
         for env in envs:
             env.close()
     return outcomes
 
 
-def _worker(args: tuple[str, str, list[int], bool, int, int, int]) -> list[EpisodeOutcome]:
-    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed = args
+def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool]) -> list[EpisodeOutcome]:
+    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record = args
     torch.set_num_threads(1)  # the workers already use every core
     policy, _ = load_policy(Path(policy_dir))
     return run_episodes(policy, env_id, seeds, greedy, group_size, max_steps,
-                        torch.Generator().manual_seed(sample_seed))
+                        torch.Generator().manual_seed(sample_seed), record)
 
 
-def evaluate_policy(policy_dir: Path, config: EvalConfig) -> EvalResult:
-    """Success per family over `config.episodes` seeded episodes each, on `config.num_workers` processes."""
+def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False) -> EvalResult:
+    """Success per family over `config.episodes` seeded episodes each, on `config.num_workers` processes.
+    With `record`, each outcome carries its full Episode (see `record_to`)."""
     started = time.perf_counter()
     jobs = []
     for env_id in config.env_ids:
@@ -104,7 +150,7 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig) -> EvalResult:
         per_job = max(1, -(-len(seeds) // config.num_workers))
         for k in range(0, len(seeds), per_job):
             jobs.append((str(policy_dir), env_id, seeds[k: k + per_job], config.greedy, config.envs_per_worker,
-                         config.max_steps, config.seed + 7919 * len(jobs)))
+                         config.max_steps, config.seed + 7919 * len(jobs), record))
     if config.num_workers == 1:
         results = [_worker(job) for job in jobs]
     else:
@@ -117,6 +163,15 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig) -> EvalResult:
         mine = [o.success for o in outcomes if o.env_id == env_id]
         rates[family_name(env_id)] = float(np.mean(mine))
     return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started)
+
+
+def record_to(result: EvalResult, out_dir: Path, chunk_size: int) -> dict:
+    """Appends every recorded episode of `result` to a replay buffer directory; returns its counts."""
+    size = result.episodes[0].episode.head.shape[1]
+    writer = EpisodeWriter(out_dir, DatasetMeta(size, size, 4, (-1.0,) * 4, (1.0,) * 4, chunk_size))
+    for outcome in result.episodes:
+        writer.add(outcome.episode)
+    return json.loads((out_dir / "manifest.json").read_text())["counts"]
 
 
 def format_table(rows: dict[str, EvalResult]) -> str:
@@ -140,15 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--envs-per-worker", type=int, default=defaults.envs_per_worker)
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the mode")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--record-to", type=Path, default=None,
+                        help="also append every episode (all frames) to this replay-buffer directory")
     return parser
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
     config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
                         num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample)
-    result = evaluate_policy(args.policy, config)
+    result = evaluate_policy(args.policy, config, record=args.record_to is not None)
     print(format_table({str(args.policy): result}))
+    if args.record_to is not None:
+        counts = record_to(result, args.record_to, load_policy(args.policy)[0].config.chunk_size)
+        print(f"recorded into {args.record_to}: {counts['episodes']} episodes, {counts['steps']} steps, "
+              f"{counts['successes']} successes", file=sys.stderr)
     print(f"{len(result.episodes)} episodes in {result.seconds:.1f} s", file=sys.stderr)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

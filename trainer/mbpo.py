@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
     config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
                         branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
                        only_successful=args.only_successful, seed=args.seed)

@@ -1,0 +1,91 @@
+"""Learning curves as PNG: real success vs training iteration and vs real env steps, every method.
+
+Each method is a list of runs (seeds) whose metrics.jsonl carry `iteration`, `real_env_steps` and, where
+evaluated, `real/success_mean`; seeds are averaged at equal x and the spread (min..max) is shaded.
+`python -m trainer.plots --run vla-mbpo=RUN1/metrics.jsonl --run vla-mbpo=RUN2/... --sft 0.41 --out DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+SUCCESS_KEY = "real/success_mean"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every JSON record of a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def success_curve(records: list[dict], x_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, success %) of the evaluated records, sorted by x."""
+    points = sorted((r[x_key], 100.0 * r[SUCCESS_KEY]) for r in records if SUCCESS_KEY in r)
+    return np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points], dtype=float)
+
+
+def aggregate(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over seeds at every x that all seeds share. Returns (x, mean, low, high)."""
+    shared = sorted(set.intersection(*[set(x.tolist()) for x, _ in curves])) if curves else []
+    table = np.array([[y[np.flatnonzero(x == v)[-1]] for v in shared] for x, y in curves])  # [seeds, points]
+    if not shared:
+        return (np.zeros(0),) * 4
+    return np.array(shared), table.mean(0), table.min(0), table.max(0)
+
+
+def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success: float | None = None) -> list[Path]:
+    """Writes success_vs_iteration.png and success_vs_real_steps.png into out_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for x_key, x_label, name in (("iteration", "training iteration", "success_vs_iteration.png"),
+                                 ("real_env_steps", "real env steps (control steps)", "success_vs_real_steps.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for label, paths in runs.items():
+            x, mean, low, high = aggregate([success_curve(read_metrics(p), x_key) for p in paths])
+            if x.size == 0:
+                continue
+            seeds = f" ({len(paths)} seeds)" if len(paths) > 1 else ""
+            ax.plot(x, mean, marker="o", label=label + seeds)
+            if len(paths) > 1:
+                ax.fill_between(x, low, high, alpha=0.2)
+        if sft_success is not None:
+            ax.axhline(100.0 * sft_success, color="grey", linestyle="--", label="SFT")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("real success, mean over task families (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.plots", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=METRICS_JSONL", required=True)
+    parser.add_argument("--sft", type=float, default=None, help="SFT success (fraction) as a reference line")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    runs: dict[str, list[Path]] = {}
+    for item in args.run:
+        label, _, path = item.partition("=")
+        if not path:
+            parser.error(f"--run needs LABEL=PATH, got {item!r}")
+        runs.setdefault(label, []).append(Path(path))
+    for path in plot_learning_curves(runs, args.out, args.sft):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
