@@ -93,3 +93,19 @@ def test_torch_store_kv_matches_reference_and_skips_padding():
     written = torch.zeros(3, 4, dtype=torch.bool)
     written[1, 1] = written[0, 0] = written[2, 3] = True
     assert not k_cache[~written].any() and not v_cache[~written].any()  # the padding token wrote nothing
+
+
+def test_batches_pad_short_segments_together_and_run_long_prefills_alone():
+    assert torch_attention._plan_batches([1, 1, 0, 2]) == [([0, 1, 3], 2)]
+    assert torch_attention._plan_batches([1, 40, 1, 3, 17]) == [([0, 2, 3], 3), ([1], 40), ([4], 17)]
+    assert torch_attention._plan_batches([0, 0]) == []
+
+
+def test_a_batch_cut_into_one_sequence_chunks_gives_the_same_answer(monkeypatch):
+    batch = make_batch([shared(6, (9, 1), (11, 2)), independent((7, 1), (30, 1))], 4, 2, 2, head_dim=8, seed=4)
+    expected = reference.paged_attention(*batch.attention_args())
+    monkeypatch.setattr(torch_attention, "BATCH_MEMORY_BUDGET_BYTES", 1)  # every chunk holds one sequence
+    torch.testing.assert_close(torch_attention.paged_attention(*batch.attention_args()), expected,
+                               **TOLERANCES[torch.float32])
+    torch.testing.assert_close(torch_attention.cascade_attention(*batch.cascade_args()), expected,
+                               **TOLERANCES[torch.float32])
