@@ -277,6 +277,8 @@ def launch_paged_attention(
     init_state: tuple[torch.Tensor, torch.Tensor] | None = None,  # float32 (out, lse) to continue from
     num_splits: int | None = None,
     block_n: int | None = None,
+    block_m: int | None = None,  # rows per program (tuning knob; default from the batch shape)
+    num_warps: int | None = None,
 ) -> None:
     """Launch the paged attention kernel (and the split merge) on already checked inputs."""
     num_tokens, num_heads, head_dim = query.shape
@@ -285,7 +287,7 @@ def launch_paged_attention(
     group = num_heads // num_kv_heads
     if num_tokens == 0 or num_segments == 0:
         return
-    block_m = _pick_block_m(group, num_tokens, num_segments)
+    block_m = block_m or _pick_block_m(group, num_tokens, num_segments)
     block_q = max(1, block_m // group)
     block_n = block_n or (64 if head_dim <= 128 else 32)
     num_q_blocks = num_tokens // block_q + num_segments  # upper bound; spare programs exit at once
@@ -322,6 +324,7 @@ def launch_paged_attention(
         CACHE_BLOCK_SIZE=block_size, CAUSAL=causal, HAS_KV_START=kv_start is not None,
         TOKEN_INDIRECT=token_ids is not None, HAS_INIT_STATE=init_state is not None, STORE_LSE=store_lse,
         DOT_IN_FP32=query.dtype == torch.float32 or query.device.type != "cuda",
+        num_warps=num_warps or (8 if block_m >= 128 else 4),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens * num_heads,)](
