@@ -5,7 +5,9 @@ small phase machine per family driven by a proportional controller on the hand p
 
     lift:  approach -> descend -> close -> lift
     place: approach -> descend -> close -> lift -> carry -> release
-    push:  approach -> descend -> close -> slide it along the table onto the pad
+    push:  approach -> descend -> close -> slide it onto the pad, held just clear of the table (a
+           point pusher loses round objects sideways; dragging on the table twists them out of the grip),
+           hopping over anything in the way
 
 Phases re-check the state each step (a dropped object sends the expert back to approach), so the
 expert recovers from its own noise. `skill` in [0, 1] sets the imperfection: Gaussian action noise of
@@ -33,6 +35,7 @@ HOVER_Z = 0.15  # hand height for moving around above the objects
 GRASP_Z = scene.FINGER_LENGTH + 0.006  # finger tips just above the table
 CARRY_Z = 0.17
 CLOSE_STEPS = 4  # control steps the fingers need to close on an object
+RELEASE_STEPS = 6  # control steps with the gripper open before looking at the object again
 XY_TOLERANCE = 0.008
 Z_TOLERANCE = 0.006
 PUSH_SPEED = 0.6  # fraction of the top hand speed while sliding an object: faster slides tip it over
@@ -128,58 +131,67 @@ class ScriptedExpert:
             self._phase, self._phase_steps = phase, 0
 
     def _policy(self, state: SimState) -> tuple[np.ndarray, bool]:
-        """(hand target [3], close gripper) for the current phase; advances the phase machine."""
-        self._phase_steps += 1
-        return self._pick(state)
+        """(hand target [3], close gripper) for the current phase; advances the phase machine.
 
-    def _pick(self, state: SimState) -> tuple[np.ndarray, bool]:
-        """All families share the grasp. Lift raises the object; place carries it over the bin and lets
-        go; push slides it along the table onto the pad (a point pusher loses round objects sideways)."""
+        Every family shares the grasp (approach, descend, close). Lift then raises the object; place
+        carries it over the bin and lets go; push slides it onto the pad.
+        """
+        self._phase_steps += 1
         obj = state.object_pos[self._plan.object_index]
-        hand = state.hand_pos
-        held = self._is_held(state, obj)
-        if self._phase in ("lift", "carry", "slide") and not held:
+        if self._phase in ("lift", "carry", "slide") and not self._is_held(state, obj):
             self._set_phase("approach")  # dropped it: start over
-        if self._phase == "approach":
-            xy_error = np.linalg.norm(hand[:2] - obj[:2])
-            if xy_error < XY_TOLERANCE:
-                self._set_phase("descend")
-            z = HOVER_Z if xy_error > 0.03 else max(GRASP_Z, hand[2] - 0.02)
-            return np.array([obj[0], obj[1], max(z, GRASP_Z)]), False
-        if self._phase == "descend":
-            target = np.array([obj[0], obj[1], GRASP_Z])
-            if np.linalg.norm(hand[:2] - obj[:2]) > 2.5 * XY_TOLERANCE:
-                self._set_phase("approach")
-            elif abs(hand[2] - GRASP_Z) < Z_TOLERANCE:
-                self._set_phase("close")
-            return target, False
-        if self._phase == "close":
-            if self._phase_steps >= CLOSE_STEPS:
-                self._set_phase("slide" if state.goal.family == "push" else "lift")
-            return np.array([obj[0], obj[1], GRASP_Z]), True
-        if self._plan.mistake == "early_release" and self._phase_steps >= 2:
+        if self._phase in ("lift", "carry", "slide") and self._plan.mistake == "early_release" \
+                and self._phase_steps >= 2:
             self._plan.mistake = ""  # one early release per episode
             self._set_phase("release")
-        if self._phase == "lift":
-            if state.goal.family == "place" and hand[2] > CARRY_Z - 0.04:
-                self._set_phase("carry")
-            return np.array([hand[0], hand[1], CARRY_Z]), True
-        if self._phase == "slide":
-            # Steer the hand so that the object's centre, not the hand, ends on the pad centre; hop over
-            # anything in the way and put the object down on the last stretch.
-            target = hand[:2] + (state.goal_xy - obj[:2])
-            far = np.linalg.norm(state.goal_xy - obj[:2]) > HOP_LANDING_DISTANCE
-            clearance = HOP_CLEARANCE if far and self._path_blocked(state, obj) else SLIDE_CLEARANCE
-            return np.array([target[0], target[1], GRASP_Z + clearance]), True
-        if self._phase == "carry":
-            goal = np.array([state.goal_xy[0], state.goal_xy[1], CARRY_Z])
-            if np.linalg.norm(hand[:2] - goal[:2]) < XY_TOLERANCE:
-                self._set_phase("release")
-            return goal, True
-        # release: open and stay; if the object missed the bin it is picked up again
-        if self._phase_steps > 6:
+        return self._PHASES[self._phase](self, state, obj, state.hand_pos)
+
+    def _approach(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        xy_error = np.linalg.norm(hand[:2] - obj[:2])
+        if xy_error < XY_TOLERANCE:
+            self._set_phase("descend")
+        z = HOVER_Z if xy_error > 0.03 else max(GRASP_Z, hand[2] - 0.02)  # lower only once above the object
+        return np.array([obj[0], obj[1], z]), False
+
+    def _descend(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        if np.linalg.norm(hand[:2] - obj[:2]) > 2.5 * XY_TOLERANCE:
+            self._set_phase("approach")
+        elif abs(hand[2] - GRASP_Z) < Z_TOLERANCE:
+            self._set_phase("close")
+        return np.array([obj[0], obj[1], GRASP_Z]), False
+
+    def _close(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        if self._phase_steps >= CLOSE_STEPS:
+            self._set_phase("slide" if state.goal.family == "push" else "lift")
+        return np.array([obj[0], obj[1], GRASP_Z]), True
+
+    def _lift(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        if state.goal.family == "place" and hand[2] > CARRY_Z - 0.04:
+            self._set_phase("carry")
+        return np.array([hand[0], hand[1], CARRY_Z]), True
+
+    def _slide(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        # Steer the hand so that the object's centre, not the hand, ends on the pad centre; hop over
+        # anything in the way and put the object down on the last stretch.
+        target = hand[:2] + (state.goal_xy - obj[:2])
+        far = np.linalg.norm(state.goal_xy - obj[:2]) > HOP_LANDING_DISTANCE
+        clearance = HOP_CLEARANCE if far and self._path_blocked(state, obj) else SLIDE_CLEARANCE
+        return np.array([target[0], target[1], GRASP_Z + clearance]), True
+
+    def _carry(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        goal = np.array([state.goal_xy[0], state.goal_xy[1], CARRY_Z])
+        if np.linalg.norm(hand[:2] - goal[:2]) < XY_TOLERANCE:
+            self._set_phase("release")
+        return goal, True
+
+    def _release(self, state: SimState, obj: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, bool]:
+        # Open and stay; if the object missed the bin (or was let go early) it is picked up again.
+        if self._phase_steps > RELEASE_STEPS:
             self._set_phase("approach")
         return hand.copy(), False
+
+    _PHASES = {"approach": _approach, "descend": _descend, "close": _close, "lift": _lift, "slide": _slide,
+               "carry": _carry, "release": _release}
 
     def _path_blocked(self, state: SimState, obj: np.ndarray) -> bool:
         """Whether another object or the bin lies near the straight path from the object to the pad."""
