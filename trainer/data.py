@@ -10,7 +10,9 @@ Format "vla-mbpo-episodes/1" (a directory):
                           actions float32[T, 4], success bool[T+1] (latched; success[0] is at reset),
                           instruction, task (0-d str arrays), seed (0-d int64)
 
-Frame t is the observation before action t; frame T is the last observation. Every file is written to a
+Frame t is the observation before action t; frame T is the last observation. `done` is implicit: an
+episode ends after its T-th action, terminated if success[T] (success ends an episode) and truncated at
+the env's max_steps otherwise. Every file is written to a
 temporary name and then renamed (atomic on POSIX), episode first, manifest after, so a recording that
 is interrupted leaves every finished episode readable.
 """
