@@ -12,9 +12,9 @@ Format "vla-mbpo-episodes/1" (a directory):
 
 Frame t is the observation before action t; frame T is the last observation. `done` is implicit: an
 episode ends after its T-th action, terminated if success[T] (success ends an episode) and truncated at
-the env's max_steps otherwise. Every file is written to a
-temporary name and then renamed (atomic on POSIX), episode first, manifest after, so a recording that
-is interrupted leaves every finished episode readable.
+the env's max_steps otherwise. Every file is written to a temporary name and then renamed (atomic on
+POSIX), episode first, manifest after, so a recording that is interrupted leaves every finished
+episode readable.
 """
 
 from __future__ import annotations
