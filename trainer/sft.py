@@ -110,7 +110,8 @@ def train_sft(demos: DemoSet, out_dir: Path, config: SFTConfig, policy_config: P
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    policy = VlaPolicy(policy_config)
+    device = torch.device(config.device)
+    policy = VlaPolicy(policy_config).to(device)
     optimizer = torch.optim.AdamW(policy.actor_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
                                                    pct_start=0.05)
@@ -120,10 +121,11 @@ def train_sft(demos: DemoSet, out_dir: Path, config: SFTConfig, policy_config: P
     with open(out_dir / "metrics.jsonl", "w") as metrics:
         for step in bar:
             idx = torch.randint(0, len(demos), (config.batch_size,), generator=generator)
-            batch = PolicyBatch(random_shift(demos.head[idx], generator), random_shift(demos.wrist[idx], generator),
-                                demos.instructions[demos.instruction_ids[idx]])
-            loss, accuracy = bc_loss(policy(batch).logits, demos.target_bins[idx], demos.target_mask[idx],
-                                     config.label_smoothing)
+            batch = PolicyBatch(random_shift(demos.head[idx], generator).to(device),
+                                random_shift(demos.wrist[idx], generator).to(device),
+                                demos.instructions[demos.instruction_ids[idx]].to(device))
+            loss, accuracy = bc_loss(policy(batch).logits, demos.target_bins[idx].to(device),
+                                     demos.target_mask[idx].to(device), config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), 1.0)
@@ -136,7 +138,7 @@ def train_sft(demos: DemoSet, out_dir: Path, config: SFTConfig, policy_config: P
                 metrics.flush()
                 bar.set_postfix(loss=f"{record['sft/loss']:.3f}", acc=f"{record['sft/bin_accuracy']:.3f}")
     bar.close()
-    policy.eval()
+    policy = policy.cpu().eval()
     save_policy(policy, out_dir, {"stage": "sft", "sft_config": asdict(config), "num_samples": len(demos),
                                   "num_episodes": demos.num_episodes})
     return policy
@@ -151,9 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--only-successful", action="store_true", help="clone successful demos only")
+    parser.add_argument("--all-demos", action="store_true",
+                        help="also clone the failed demos (default: successful demos only)")
     parser.add_argument("--num-bins", type=int, default=PolicyConfig().num_bins, help="bins per action dimension")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--eval-workers", type=int, default=2, help="processes for the evaluation")
     parser.add_argument("--eval-episodes", type=int, default=0,
                         help="after training, evaluate this many real episodes per task family")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -164,7 +169,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
     config = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-                       only_successful=args.only_successful, seed=args.seed)
+                       only_successful=not args.all_demos, seed=args.seed, device=args.device)
     policy_config = PolicyConfig(num_bins=args.num_bins)
     demos = load_demos(args.data, policy_config, config.only_successful)
     print(f"sft: {len(demos)} samples from {demos.num_episodes} episodes of {args.data}", file=sys.stderr)
@@ -174,7 +179,7 @@ def main(argv: list[str]) -> int:
         from trainer.config import EvalConfig
         from trainer.evaluate import evaluate_policy, format_table
 
-        result = evaluate_policy(args.out, EvalConfig(episodes=args.eval_episodes))
+        result = evaluate_policy(args.out, EvalConfig(episodes=args.eval_episodes, num_workers=args.eval_workers))
         print(format_table({"sft": result}))
         (args.out / "eval.json").write_text(json.dumps(result.to_json(), indent=2))
     return 0
