@@ -1,0 +1,125 @@
+"""VLA-MBPO: start-state sampling, GAE over imagined branches, and a tiny run against a real `vla-mbpo serve`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import layout_for_tokenizer, write_random_checkpoint
+from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
+from trainer.config import MBPOConfig, PolicyConfig, PPOConfig
+from trainer.data import DatasetMeta, Episode, EpisodeWriter
+from trainer.imagination import ImaginedRollouts
+from trainer.mbpo import MBPOTrainer, StartStateSampler, main, rollouts_to_batch
+from trainer.policy import VlaPolicy, load_policy, save_policy
+from trainer.rollout_client import WorldModelClient
+from trainer.server_process import ServerProcess
+
+TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(4, 4), stage_channels=(32, 32))  # 16 tokens per view
+TINY = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16, text_feature_dim=8,
+                    text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, action_dim=4, num_bins=5)
+LENGTHS = (3, 5, 4)
+INSTRUCTIONS = ("lift the cube", "push the ball", "put the box in the bin")
+
+
+@pytest.fixture(scope="module")
+def buffer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("buffer")
+    writer = EpisodeWriter(path, DatasetMeta(16, 16, 4, (-1.0,) * 4, (1.0,) * 4, 2))
+    for i, num_steps in enumerate(LENGTHS):
+        frames = np.full((num_steps + 1, 16, 16, 3), 0, dtype=np.uint8)
+        frames[:, 0, 0, 0] = np.arange(num_steps + 1) + 10 * i  # pixel (0, 0) names (episode, t)
+        writer.add(Episode(frames, frames.copy(), np.zeros((num_steps, 4), np.float32),
+                           np.array([False] * num_steps + [i == 1]), INSTRUCTIONS[i], "lift", i))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    layout = layout_for_tokenizer(TOKENIZER, views=("head", "wrist"), chunk_size=2, action_dim=4,
+                                  action_low=(-1.0,) * 4, action_high=(1.0,) * 4, max_chunks_per_branch=3,
+                                  max_instruction_bytes=32)
+    checkpoint = write_random_checkpoint(root / "ckpt", layout, hidden_size=32, num_layers=2, num_heads=2,
+                                         num_kv_heads=1, intermediate_size=64, seed=0,
+                                         tokenizer=ImageTokenizer.random(TOKENIZER, seed=0))
+    with ServerProcess(checkpoint, root / "server.log", ["--max-branches-per-request", "5"]) as process:
+        yield process
+
+
+def test_start_states_are_uniform_over_every_recorded_observation(buffer_dir):
+    sampler = StartStateSampler(buffer_dir)
+    assert sampler.real_env_steps == sum(LENGTHS)
+    states = sampler.sample(6000, np.random.default_rng(0))
+    codes = [int(s.head[0, 0, 0]) for s in states]
+    expected = {10 * i + t for i, n in enumerate(LENGTHS) for t in range(n + 1)}  # 15 observations
+    assert set(codes) == expected
+    counts = np.bincount(codes)[sorted(expected)]
+    assert counts.min() > 6000 / 15 * 0.8 and counts.max() < 6000 / 15 * 1.2
+    assert {s.instruction for s in states if s.head[0, 0, 0] // 10 == 1} == {INSTRUCTIONS[1]}
+
+
+def test_rollouts_to_batch_gae_and_masking_by_hand():
+    # Branch 0 succeeds after chunk 0 (chunk 1 never taken); branch 1 runs both chunks and is bootstrapped.
+    b, t = 2, 2
+    images = np.zeros((b, t, 16, 16, 3), dtype=np.uint8)
+    images[1, 1, 0, 0, 0] = 7
+    rollouts = ImaginedRollouts(
+        head=images, wrist=images.copy(), instructions=["lift the cube", "push the ball"],
+        bins=torch.arange(b * t * 8).reshape(b, t, 8) % 5, log_probs=torch.tensor([[-1.0, 0.0], [-2.0, -3.0]]),
+        values=torch.tensor([[0.5, 0.0], [0.25, 0.5]]), rewards=torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        success_prob=torch.tensor([[0.9, 0.0], [0.1, 0.2]]),
+        terminated=torch.tensor([[True, False], [False, False]]),
+        valid=torch.tensor([[True, False], [True, True]]), bootstrap_values=torch.tensor([0.0, 1.0]))
+    batch, stats = rollouts_to_batch(rollouts, PPOConfig(gamma=0.5, gae_lambda=0.5), TINY)
+    # branch 0: A = 1 - 0.5 = 0.5; branch 1: d1 = 0.5 * 1 - 0.5 = 0, d0 = 0.5 * 0.5 - 0.25 = 0, A = 0, 0
+    assert batch.advantages.tolist() == [0.5, 0.0, 0.0]
+    assert batch.returns.tolist() == [1.0, 0.25, 0.5]
+    assert batch.old_log_probs.tolist() == [-1.0, -2.0, -3.0]
+    assert batch.bins.tolist() == rollouts.bins[rollouts.valid].tolist()
+    assert batch.observations.head[:, 0, 0, 0].tolist() == [0, 0, 7]
+    assert stats["imagine/success_rate"] == 0.5 and stats["imagine/valid_steps"] == 3
+    assert stats["imagine/success_prob_mean"] == pytest.approx(0.4)
+
+
+def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
+    torch.manual_seed(0)
+    policy = VlaPolicy(TINY)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    config = MBPOConfig(iterations=2, num_start_states=6, branches_per_state=2, horizon_chunks=2, states_per_wave=4)
+    ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3)
+    with WorldModelClient(server.target) as client:
+        trainer = MBPOTrainer(policy, client, StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
+        trainer.train(progress=False)
+        stats = client.stats()
+    assert stats.live_states == 0 and stats.kv_blocks_used == 0  # every created and kept state released
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(r["imagine/branches"] == 12 and r["real_env_steps"] == 12 for r in records)
+    # 12 branches: chunk 0 always, chunk 1 only for branches the model did not judge successful
+    assert all(12 <= r["imagine/chunks"] <= 24 and r["imagine/chunks"] == r["imagine/valid_steps"] for r in records)
+    assert set(records[0]) >= {"imagine/success_rate", "imagine/chunks_per_second", "ppo/actor_loss",
+                               "ppo/critic_loss", "ppo/clip_fraction", "ppo/approx_kl", "ppo/advantage_mean"}
+    final, meta = load_policy(tmp_path / "run" / "policy")
+    assert meta["iteration"] == 2
+    assert any(not torch.equal(start[k], v) for k, v in final.state_dict().items())
+
+    resumed = MBPOTrainer(VlaPolicy(TINY), WorldModelClient(server.target), StartStateSampler(buffer_dir),
+                          tmp_path / "run", config, ppo)
+    assert resumed.resume() and resumed.iteration == 2
+    assert all(torch.equal(v, final.state_dict()[k]) for k, v in resumed.policy.state_dict().items())
+
+
+def test_train_cli_refuses_to_overwrite_and_resumes(server, buffer_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_policy(VlaPolicy(TINY), tmp_path / "sft")
+    args = ["--server", server.target, "--data", str(buffer_dir), "--policy", str(tmp_path / "sft"), "--out",
+            str(tmp_path / "run"), "-M", "3", "-n", "1", "--updates-per-refill", "1", "--minibatch-size", "4",
+            "--no-progress"]
+    assert main([*args, "--iterations", "1"]) == 0
+    assert main([*args, "--iterations", "2"]) == 2
+    assert "already holds a run; pass --resume or pick a new --out" in capsys.readouterr().err
+    assert main([*args, "--iterations", "2", "--resume"]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
