@@ -1,0 +1,26 @@
+"""The online-PPO baseline spends exactly its real-step budget and logs it."""
+
+import json
+
+import torch
+
+from trainer.config import OnlinePPOConfig, PolicyConfig, PPOConfig
+from trainer.online_ppo import OnlinePPOTrainer
+from trainer.policy import VlaPolicy, load_policy
+
+SMALL = PolicyConfig(conv_channels=(4, 4, 8, 8), hidden_dim=32, image_feature_dim=16, text_feature_dim=8,
+                     text_embed_dim=8, critic_hidden_dim=8)
+
+
+def test_online_ppo_respects_the_step_budget(tmp_path):
+    torch.manual_seed(0)
+    config = OnlinePPOConfig(total_env_steps=80, num_envs=2, chunks_per_rollout=3)
+    trainer = OnlinePPOTrainer(VlaPolicy(SMALL), tmp_path, config, PPOConfig(updates_per_refill=1, minibatch_size=4),
+                               max_steps=16)
+    trainer.train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # 2 envs x 8 steps per chunk: rollouts of 3, 2 chunks -> 48, 80 steps; 16-step episodes end every 2 chunks
+    assert [r["real_env_steps"] for r in records] == [48, 80]
+    assert [r["train/episodes"] for r in records] == [2, 4]
+    _, meta = load_policy(tmp_path / "policy")
+    assert meta["real_env_steps"] == 80 and meta["stage"] == "online_ppo"
