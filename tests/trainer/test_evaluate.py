@@ -56,3 +56,12 @@ def test_format_table_exact():
 def test_eval_config_validation():
     with pytest.raises(ConfigError, match="invalid EvalConfig: episodes must be >= 1, got 0"):
         EvalConfig(episodes=0)
+
+
+def test_worker_processes_give_the_same_outcomes_as_in_process(policy_dir):
+    config = EvalConfig(env_ids=("VlaMbpo/Place-v0",), episodes=2, seed=11, num_workers=1, max_steps=8)
+    in_process = evaluate_policy(policy_dir, config)
+    spawned = evaluate_policy(policy_dir, EvalConfig(env_ids=("VlaMbpo/Place-v0",), episodes=2, seed=11,
+                                                     num_workers=2, max_steps=8))
+    assert [(o.seed, o.success, o.env_steps) for o in spawned.episodes] == [
+        (o.seed, o.success, o.env_steps) for o in in_process.episodes] == [(11, False, 8), (12, False, 8)]
