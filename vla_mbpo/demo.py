@@ -38,15 +38,15 @@ class DemoConfig:
     cache_dir: Path = Path("~/.cache/vla-mbpo/demo")
     run_dir: Path = Path("runs/demo")
     demo_episodes: int = 150
-    sft_steps: int = 1500
+    sft_steps: int = 1000
     buffer_episodes: int = 30
     eval_episodes: int = 30  # per task family, before and after
-    iterations: int = 4
-    num_start_states: int = 128
+    iterations: int = 3
+    num_start_states: int = 64  # a CPU-served world model imagines ~1-3 chunks/s on 2 shared cores
     horizon_chunks: int = 2
     updates_per_refill: int = 20
     minibatch_size: int = 256
-    actor_lr: float = 3e-5
+    actor_lr: float = 1e-5
     workers: int = 2
     seed: int = 0
     server_args: tuple[str, ...] = field(default_factory=tuple)
