@@ -65,7 +65,8 @@ def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig,
     stats = {"imagine/success_rate": float(rollouts.terminated.any(1).float().mean()),
              "imagine/success_prob_mean": float(rollouts.success_prob[valid].mean()),
              "imagine/valid_steps": int(valid.sum()),
-             "ppo/advantage_mean": float(advantages[valid].mean()), "ppo/advantage_std": float(advantages[valid].std()),
+             "ppo/advantage_mean": float(advantages[valid].mean()),
+             "ppo/advantage_std": float(advantages[valid].std(unbiased=False)),
              "ppo/value_mean": float(rollouts.values[valid].mean()), "ppo/return_mean": float(returns[valid].mean())}
     return batch, stats
 
