@@ -164,6 +164,12 @@ class Engine:
                    "num_logits_rows": float(self.runner.num_logits_rows),
                    "num_attended_pairs": float(self.runner.num_attended_pairs)})
 
+    def stream_tokens(self, state_id: int) -> list[int]:
+        """The whole token stream of a live state (start state, chunks, generated observations)."""
+        if state_id not in self._states:
+            raise StateNotFoundError(f"state {state_id!r} is unknown or already released")
+        return list(self._states[state_id].token_ids)
+
     def run_until(self, future: concurrent.futures.Future) -> None:
         while not future.done():
             self.step()

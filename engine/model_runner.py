@@ -12,6 +12,8 @@ from itertools import chain
 import numpy as np
 import torch
 
+from kernels import dispatch
+
 from .models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM
 from .sampler import DecodingPlan, SamplingBatch, sample, yes_probability
 from .scheduler import SchedulerOutput
@@ -48,7 +50,11 @@ class ModelRunner:
         # [layers, K/V, num_blocks, block_size, kv_heads, head_dim]: one tensor, so a COW copy is one op.
         self.kv_caches = torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads,
                                      config.head_dim, dtype=self.dtype, device=self.device)
+        # Work counters for FLOP accounting (benchmarks): tokens through the layers, rows through lm_head,
+        # and (query, key) pairs attended.
         self.num_forward_tokens = 0
+        self.num_logits_rows = 0
+        self.num_attended_pairs = 0
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -59,6 +65,8 @@ class ModelRunner:
         input_ids, positions, meta, logits_rows = self.prepare_inputs(out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [num_tokens, hidden]
         self.num_forward_tokens += int(input_ids.shape[0])
+        self.num_attended_pairs += int(positions.sum()) + int(positions.shape[0])  # query at p sees p + 1 keys
+        self.num_logits_rows += len(out.sample_indices)
         if not out.sample_indices:
             return RunnerOutput(np.zeros(0, np.int64), np.zeros(0, np.float32))
         logits = self.model.compute_logits(hidden[logits_rows])  # float32 [num_sampled, vocab]
@@ -124,6 +132,8 @@ class ModelRunner:
         meta.prefix_block_tables = self._tensor(padded)
         meta.prefix_lens = self._tensor(np.asarray(prefix_lens, dtype=np.int32))
         meta.seq_prefix_ids = self._tensor(seq_prefix_ids)
+        meta.cascade_plan = dispatch.plan_cascade(meta.query_start_loc, meta.prefix_lens, meta.seq_prefix_ids,
+                                                  int(meta.slot_mapping.shape[0]))
 
     def sampling_batch(self, out: SchedulerOutput) -> SamplingBatch:
         seqs = [out.seqs[i] for i in out.sample_indices]

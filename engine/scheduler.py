@@ -74,8 +74,10 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput([], [], [], [], [])
+        preemptions_before = self.num_preemptions
         budget = self._schedule_running(out, self.max_num_batched_tokens)
-        self._schedule_waiting(out, budget)
+        if self.num_preemptions == preemptions_before:  # else the victims would be re-admitted at once
+            self._schedule_waiting(out, budget)
         self.peak_used_blocks = max(self.peak_used_blocks, self.kv.num_used_blocks)
         return out
 

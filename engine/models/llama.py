@@ -143,6 +143,7 @@ class AttentionMetadata:
     prefix_block_tables: torch.Tensor | None = None  # int32 [num_prefixes, max_prefix_blocks]
     prefix_lens: torch.Tensor | None = None  # int32 [num_prefixes]
     seq_prefix_ids: torch.Tensor | None = None  # int32 [num_seqs], -1 = none
+    cascade_plan: object = None  # dispatch.plan_cascade(...) for this step, shared by every layer
     backend: str = "auto"  # kernels.dispatch backend: "auto", "torch" or "triton"
 
 
@@ -204,7 +205,8 @@ class LlamaDecoderLayer(nn.Module):
         if meta.seq_prefix_ids is not None:
             attn = dispatch.cascade_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                               meta.query_start_loc, meta.prefix_block_tables, meta.prefix_lens,
-                                              meta.seq_prefix_ids, self.scale, backend=meta.backend)
+                                              meta.seq_prefix_ids, self.scale, backend=meta.backend,
+                                              plan=meta.cascade_plan)
         else:
             attn = dispatch.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                             meta.query_start_loc, self.scale, backend=meta.backend)
