@@ -78,7 +78,7 @@ class MBPOTrainer:
                  config: MBPOConfig, ppo: PPOConfig, eval_config: EvalConfig | None = None) -> None:
         self.policy, self.client, self.sampler, self.out_dir = policy, client, sampler, out_dir
         self.config, self.ppo, self.eval_config = config, ppo, eval_config
-        self.learner = PPOLearner(policy, ppo, seed=config.seed)
+        self.learner = PPOLearner(policy, ppo, seed=config.seed, temperature=config.policy_temperature)
         self.imaginer = Imaginer(client)
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start states alive on the server at once")
     parser.add_argument("--wm-temperature", type=float, default=m.world_model_temperature)
     parser.add_argument("--reward-threshold", type=float, default=m.reward_threshold)
+    parser.add_argument("--policy-temperature", type=float, default=m.policy_temperature,
+                        help="the trained policy is softmax(logits / T); T < 1 explores nearer the SFT mode")
     parser.add_argument("--updates-per-refill", type=int, default=p.updates_per_refill)
     parser.add_argument("--minibatch-size", type=int, default=p.minibatch_size)
     parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
@@ -230,6 +232,7 @@ def main(argv: list[str]) -> int:
     config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
                         branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,
                         world_model_temperature=args.wm_temperature, reward_threshold=args.reward_threshold,
+                        policy_temperature=args.policy_temperature,
                         states_per_wave=args.states_per_wave, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed)
     ppo = PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,

@@ -35,7 +35,7 @@ class OnlinePPOTrainer:
         import trainer.envs  # noqa: F401  (registers the gymnasium ids)
 
         self.policy, self.out_dir, self.config, self.ppo, self.eval_config = policy, out_dir, config, ppo, eval_config
-        self.learner = PPOLearner(policy, ppo, seed=config.seed)
+        self.learner = PPOLearner(policy, ppo, seed=config.seed, temperature=config.policy_temperature)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.envs = [gym.make(config.env_id, max_steps=max_steps).unwrapped for _ in range(config.num_envs)]
         self.next_seed = TRAIN_SEED_OFFSET + config.seed * 100_000
@@ -64,7 +64,8 @@ class OnlinePPOTrainer:
         for t in range(num_chunks):
             batch = self._batch(self.observations)
             instructions.append([env.instruction for env in self.envs])
-            actions, chunk_bins, chunk_logp, chunk_values = self.policy.act(batch, generator=self.generator)
+            actions, chunk_bins, chunk_logp, chunk_values = self.policy.act(
+                batch, generator=self.generator, temperature=self.config.policy_temperature)
             heads.append(batch.head)
             wrists.append(batch.wrist)
             bins.append(chunk_bins)
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--minibatch-size", type=int, default=p.minibatch_size)
     parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
     parser.add_argument("--critic-lr", type=float, default=p.critic_lr)
+    parser.add_argument("--policy-temperature", type=float, default=o.policy_temperature)
     parser.add_argument("--eval-every", type=int, default=o.eval_every)
     parser.add_argument("--eval-episodes", type=int, default=o.eval_episodes)
     parser.add_argument("--eval-seed", type=int, default=EvalConfig().seed)
@@ -176,7 +178,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = OnlinePPOConfig(env_id=args.env_id, total_env_steps=args.total_env_steps, num_envs=args.num_envs,
                              chunks_per_rollout=args.chunks_per_rollout, eval_every=args.eval_every,
-                             eval_episodes=args.eval_episodes, seed=args.seed)
+                             eval_episodes=args.eval_episodes, seed=args.seed,
+                             policy_temperature=args.policy_temperature)
     ppo = PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,
                     actor_lr=args.actor_lr, critic_lr=args.critic_lr)
     eval_config = None

@@ -182,10 +182,12 @@ class VlaPolicy(nn.Module):
     @torch.no_grad()
     def act(self, batch: PolicyBatch, generator: torch.Generator | None = None, greedy: bool = False,
             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chooses action chunks. Returns (actions [B, k, d], bins [B, D], log_probs [B], values [B])."""
+        """Chooses action chunks from softmax(logits / temperature), the distribution PPO then trains (its
+        log-probs are of that tempered distribution). Returns (actions [B, k, d], bins [B, D], log_probs [B],
+        values [B])."""
         out = self(batch)
         bins = out.logits.argmax(-1) if greedy else sample_bins(out.logits, generator, temperature)
-        return bins_to_actions(bins, self.config), bins, chunk_log_prob(out.logits, bins), out.values
+        return bins_to_actions(bins, self.config), bins, chunk_log_prob(out.logits / temperature, bins), out.values
 
 
 def save_policy(policy: VlaPolicy, directory: Path, metadata: dict | None = None) -> None:

@@ -112,9 +112,11 @@ class RolloutBatch:
 class PPOLearner:
     """AdamW with separate actor/critic learning rates; `updates_per_refill` minibatch steps per refill."""
 
-    def __init__(self, policy: VlaPolicy, config: PPOConfig, seed: int = 0) -> None:
+    def __init__(self, policy: VlaPolicy, config: PPOConfig, seed: int = 0, temperature: float = 1.0) -> None:
+        """`temperature`: the behaviour policy is softmax(logits / temperature), as sampled by `act`."""
         self.policy = policy
         self.config = config
+        self.temperature = temperature
         self.actor_params = policy.actor_parameters()
         self.critic_params = policy.critic_parameters()
         self.optimizer = torch.optim.AdamW(
@@ -142,12 +144,13 @@ class PPOLearner:
 
     def _step(self, batch: RolloutBatch, idx: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
         out = self.policy(batch.observations.index(idx))
+        logits = out.logits / self.temperature  # [n, D, nb]
         valid = torch.ones(idx.shape[0], dtype=torch.bool)
-        actor = ppo_actor_loss(chunk_log_prob(out.logits, batch.bins[idx]), batch.old_log_probs[idx], advantages,
+        actor = ppo_actor_loss(chunk_log_prob(logits, batch.bins[idx]), batch.old_log_probs[idx], advantages,
                                valid, self.config.clip_ratio)
         critic = ppo_critic_loss(out.values, batch.old_values[idx], batch.returns[idx], valid,
                                  self.config.value_clip, self.config.huber_delta)
-        entropy = chunk_entropy(out.logits).mean()
+        entropy = chunk_entropy(logits).mean()
         loss = actor.loss + critic - self.config.entropy_coef * entropy
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -120,3 +120,13 @@ def test_policy_config_validation():
         PolicyConfig(image_size=60)
     with pytest.raises(ConfigError, match="num_bins must be >= 2, got 1"):
         PolicyConfig(num_bins=1)
+
+
+def test_act_log_probs_are_of_the_tempered_distribution():
+    torch.manual_seed(0)
+    policy = VlaPolicy(TINY).eval()
+    batch = tiny_batch(4)
+    _, bins, log_probs, _ = policy.act(batch, torch.Generator().manual_seed(0), temperature=0.5)
+    logits = policy(batch).logits
+    assert torch.allclose(log_probs, chunk_log_prob(logits / 0.5, bins))
+    assert not torch.allclose(log_probs, chunk_log_prob(logits, bins))

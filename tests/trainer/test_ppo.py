@@ -128,3 +128,16 @@ def test_ppo_config_validation_names_the_field():
         PPOConfig(clip_ratio=1.5)
     with pytest.raises(ConfigError, match=r"gamma must lie in \(0, 1\], got 0"):
         PPOConfig(gamma=0)
+
+
+def test_learner_first_step_has_unit_ratio_under_the_same_temperature():
+    torch.manual_seed(0)
+    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
+                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+    policy = VlaPolicy(config).eval()
+    obs = PolicyBatch(torch.zeros((4, 16, 16, 3), dtype=torch.uint8), torch.zeros((4, 16, 16, 3), dtype=torch.uint8),
+                      encode_instructions(["push"] * 4, config.max_instruction_bytes))
+    _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
+    batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
+    stats = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4), temperature=0.5).update(batch)
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
