@@ -159,3 +159,14 @@ def test_bad_client_id_header(server):
                          timeout=30)
     assert info.value.code() == INVALID
     assert info.value.details().startswith("x-client-id must be 1-128 printable characters, got 'xxx")
+
+
+def test_oversize_message_is_resource_exhausted(start_server):
+    server = start_server(max_message_mb=1)
+    channel, raw = stub(server.target)
+    big = pb.CreateStatesRequest(states=[good_state("pad " * 8)] * 6000)  # 6,000 x 384 image bytes > 1 MiB
+    with channel:
+        code, message = rpc_error(raw.CreateStates, big)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.fullmatch(r"SERVER: Received message larger than max \(\d+ vs\. 1048576\)", message)
+        assert raw.GetStats(pb.GetStatsRequest(), timeout=30).live_states == 0  # and it keeps serving
