@@ -91,3 +91,14 @@ def test_sampled_tokens_stay_in_their_ranges(tiny_checkpoint, tiny_layout):
         sampled = forced < 0
         assert np.array_equal(generated[~sampled], forced[~sampled])
         assert np.all((generated[sampled] >= low[sampled]) & (generated[sampled] < high[sampled]))
+
+
+@pytest.mark.gpu
+def test_greedy_parity_on_cuda_with_the_triton_kernels(tiny_checkpoint, tiny_layout):
+    from kernels import dispatch
+
+    engine = make_engine(tiny_checkpoint, device="cuda")
+    assert dispatch.resolve_backend(engine.runner.kv_caches.device, "auto") == "triton"
+    streams = roll_out(engine, tiny_layout, num_states=2, branches_per_state=4, num_chunks=3)
+    checked, mismatched = hf_mismatches(tiny_checkpoint, tiny_layout, streams, num_chunks=3)
+    assert (checked, mismatched) == (8 * 3 * 9, 0)
