@@ -36,6 +36,10 @@ class EngineConfig:
     enable_cascade_attention: bool = True
     # torch intra-op threads for the engine's forward pass; None leaves torch's setting alone.
     num_threads: int | None = None
+    # CPU only: keep freed host memory in the process heap (glibc mallopt) instead of returning every
+    # large buffer to the OS. Each step allocates the same large K/V gathers; with glibc's default they
+    # are mmap'ed and page-faulted afresh every layer, which costs more than the attention math.
+    retain_host_memory: bool = True
 
     def __post_init__(self) -> None:
         problems = []

@@ -99,7 +99,8 @@ class Engine:
                                   plan=self.plan, yes_id=self._layout.yes_id, no_id=self._layout.no_id,
                                   device=config.device, dtype=config.dtype,
                                   attention_backend=config.attention_backend,
-                                  enable_cascade=config.enable_cascade_attention)
+                                  enable_cascade=config.enable_cascade_attention,
+                                  retain_host_memory=config.retain_host_memory)
         self.tokenizer = checkpoint.tokenizer.to(config.device)
         self._states: dict[int, Sequence] = {}
         self._ids = itertools.count()

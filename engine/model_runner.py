@@ -6,6 +6,8 @@ The runner owns the model and the KV tensors; it never sees the block pool, only
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from itertools import chain
 
@@ -31,10 +33,25 @@ class RunnerOutput:
     success_probs: np.ndarray  # float32 [num_sampled]: P(<yes>) over {<yes>, <no>} at this position
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def retain_freed_host_memory() -> bool:
+    """Serve large host allocations from the heap and never trim it (glibc only; a no-op elsewhere).
+    Returns whether the allocator accepted the setting."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 class ModelRunner:
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, num_blocks: int, block_size: int,
                  plan: DecodingPlan, yes_id: int, no_id: int, device: str = "cpu", dtype: str = "float32",
-                 attention_backend: str = "auto", enable_cascade: bool = True) -> None:
+                 attention_backend: str = "auto", enable_cascade: bool = True,
+                 retain_host_memory: bool = False) -> None:
         self.config = config
         self.block_size = block_size
         self.plan = plan
@@ -43,6 +60,8 @@ class ModelRunner:
         self.dtype = _DTYPES[dtype]
         self.attention_backend = attention_backend
         self.enable_cascade = enable_cascade
+        if retain_host_memory and self.device.type == "cpu":
+            retain_freed_host_memory()
         model = LlamaForCausalLM(config)
         model.load_hf_weights(weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
