@@ -253,12 +253,16 @@ class ImageTokenizer(nn.Module):
         return unit_to_images(self.decoder(latents.permute(0, 3, 1, 2)))
 
     # ---- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Writes `config.json` and `model.safetensors` into `directory` (created if needed)."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Writes `config.json` and `model.safetensors` into `directory` (created if needed).
+
+        `dtype` is the storage type of the weights (float16 halves a shipped checkpoint); loading casts them
+        to the model's float32 parameters.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        state = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "model_type": MODEL_TYPE})
 
     @classmethod

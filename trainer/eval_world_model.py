@@ -97,7 +97,7 @@ class GreedyImaginer:
         mask = (mask & self.valid[:, None, None, :]) | eye[:, None]
         position_ids = (torch.cumsum(self.valid.long(), dim=1) - 1).clamp(min=0)[:, length - q:]
         out = self.model(input_ids=new_tokens, attention_mask=mask, position_ids=position_ids,
-                         cache=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
 
     @torch.no_grad()

@@ -48,6 +48,7 @@ class TokenizerTrainConfig:
     log_every: int = 50
     save_every: int = 500
     resume: bool = False
+    save_dtype: str = "float16"  # storage of the shipped weights; the world model is trained on codes of these
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +58,8 @@ class TokenizerTrainConfig:
         if not 0 < self.lr < 1 or self.warmup_steps < 0 or self.l1_weight < 0:
             problems.append(f"need 0 < lr < 1, warmup_steps >= 0, l1_weight >= 0; got {self.lr}, "
                             f"{self.warmup_steps}, {self.l1_weight}")
+        if self.save_dtype not in ("float32", "float16"):
+            problems.append(f"save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if problems:
             raise ValueError("invalid tokenizer training config: " + "; ".join(problems))
 
@@ -156,8 +159,9 @@ def train_tokenizer(config: TokenizerTrainConfig, episodes: Sequence) -> dict:
                         "generator": generator.get_state(), "step": step}, state_path)
     progress.close()
     train_seconds = time.perf_counter() - started
-    model.eval()
-    model.save_pretrained(config.out_dir)
+    model.save_pretrained(config.out_dir, dtype=getattr(torch, config.save_dtype))
+    # Report what ships: the stored (possibly half-precision) weights, not the in-memory ones.
+    model = ImageTokenizer.from_pretrained(config.out_dir, device=device)
     summary = {"train_seconds": train_seconds, "device": str(device), "steps": config.steps,
                "num_train_frames": len(train_frames), "num_val_episodes": len(val_ids),
                "num_parameters": sum(p.numel() for p in model.parameters()),

@@ -192,7 +192,7 @@ def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[Str
     """Teacher-forced validation: image-code loss and accuracy, reward balanced accuracy."""
     model.eval()
     image_loss_sum = image_correct = image_total = 0.0
-    answers: list[tuple[int, int]] = []
+    answers: list[tuple[bool, bool]] = []
     for batch in batches:
         ids = batch.token_ids.to(device)
         logits = model(input_ids=ids, attention_mask=attention_mask_for(layout, ids, independent_views)).logits
@@ -208,7 +208,8 @@ def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[Str
         answers += list(zip((next_ids[reward] == layout.yes_id).tolist(), predicted.tolist(), strict=True))
     model.train()
     return {"val_image_loss": image_loss_sum / image_total, "val_image_accuracy": image_correct / image_total,
-            "val_reward_balanced_accuracy": balanced_accuracy(answers)}
+            "val_reward_balanced_accuracy": balanced_accuracy(answers),
+            "val_num_yes_labels": sum(label for label, _ in answers), "val_num_reward_labels": len(answers)}
 
 
 def balanced_accuracy(pairs: Sequence[tuple[bool, bool]]) -> float:
@@ -253,13 +254,18 @@ def train(config: WorldModelTrainConfig) -> dict:
     layout = make_layout(config, tokenizer, episodes)
     train_ids, val_ids = split_episode_ids(len(episodes), config.val_every)
     train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
-    train_windows = enumerate_windows(train_eps, layout.chunk_size, config.max_chunks)
+    k = layout.chunk_size
+    train_windows = enumerate_windows(train_eps, k, config.max_chunks)
     val_windows = enumerate_windows(val_eps, layout.chunk_size, config.max_chunks)
     if not train_windows or not val_windows:
         raise WorldModelDataError(f"no training windows: episodes shorter than chunk_size={layout.chunk_size}")
     reward_weights = reward_class_weights(train_eps, train_windows, layout.chunk_size)
     val_rng = np.random.default_rng(config.seed + 1)
     val_pick = val_rng.choice(len(val_windows), size=min(config.num_val_streams, len(val_windows)), replace=False)
+    # 'yes' is rare (final frames only): add every validation window that has one, or the balanced accuracy
+    # silently degenerates to the recall of 'no'.
+    positives = [i for i, w in enumerate(val_windows) if val_eps[w.episode_index].success[w.start + k * w.num_chunks]]
+    val_pick = np.concatenate([val_pick, [i for i in positives if i not in set(val_pick.tolist())]]).astype(int)
     val_batches = [sample_batch(layout, val_eps, [val_windows[i] for i in val_pick[s:s + config.batch_size]],
                                 np.random.default_rng(0), len(val_pick[s:s + config.batch_size]))
                    for s in range(0, len(val_pick), config.batch_size)]
@@ -374,3 +380,9 @@ def main(argv: list[str]) -> int:
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0
+
+
+if __name__ == "__main__":  # build-default runs the ablation as a second process this way
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -116,6 +116,15 @@ def test_save_and_load_roundtrip(tmp_path):
     assert torch.equal(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
 
 
+def test_half_precision_storage_loads_as_float32(tmp_path):
+    model = ImageTokenizer.random(TINY, seed=5)
+    model.save_pretrained(tmp_path / "tok", dtype=torch.float16)
+    loaded = ImageTokenizer.from_pretrained(tmp_path / "tok")
+    weight = loaded.decoder[0].weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, model.decoder[0].weight.half().float())
+
+
 def test_load_errors_name_the_file_and_the_mismatch(tmp_path):
     directory = tmp_path / "tok"
     with pytest.raises(ImageTokenizerError, match=r"tok/config.json: tokenizer config not found"):
