@@ -50,6 +50,7 @@ class DemoConfig:
     workers: int = 2
     seed: int = 0
     server_args: tuple[str, ...] = field(default_factory=tuple)
+    sft_policy: Path | None = None  # an existing SFT checkpoint: skips stages 1-2
 
     def __post_init__(self) -> None:
         for name in ("demo_episodes", "sft_steps", "buffer_episodes", "eval_episodes", "iterations",
@@ -130,10 +131,14 @@ def run_demo(config: DemoConfig) -> dict:
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(config.run_dir, ignore_errors=True)
     config.run_dir.mkdir(parents=True)
-    _stage("1/6 scripted demos")
-    demos = ensure_demos(config)
-    _stage("2/6 SFT policy")
-    sft = ensure_sft(config, demos)
+    if config.sft_policy is None:
+        _stage("1/6 scripted demos")
+        demos = ensure_demos(config)
+        _stage("2/6 SFT policy")
+        sft = ensure_sft(config, demos)
+    else:
+        _stage(f"1-2/6 SFT policy given: {config.sft_policy}")
+        sft = config.sft_policy
     _stage("3/6 real replay buffer from the SFT policy")
     buffer = ensure_buffer(config, sft)
     eval_config = EvalConfig(env_ids=ALL_FAMILIES, episodes=config.eval_episodes, num_workers=config.workers)
@@ -192,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     parser.add_argument("--actor-lr", type=float, default=d.actor_lr)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `vla-mbpo serve` argument")
+    parser.add_argument("--sft-policy", type=Path, default=None,
+                        help="use this SFT checkpoint instead of recording demos and cloning them")
     return parser
 
 
