@@ -47,6 +47,7 @@ from trainer.world_model_data import (
     save_token_cache,
     split_episode_ids,
     tokenize_episode,
+    window_reward_counts,
 )
 
 # Stored in the ablation's world_model/config.json; the served default never carries it.
@@ -113,6 +114,8 @@ class WorldModelTrainConfig:
     save_every: int = 250
     resume: bool = False
     stop_at_step: int | None = None  # end this run early (time-boxed sessions); `resume` continues it
+    positive_fraction: float = 0.0  # share of each batch drawn from windows with a 'yes' (rare final frames)
+    init_from: str | None = None  # a checkpoint directory whose world_model/ weights start this run
     save_dtype: str = "bfloat16"  # halves the shipped checkpoint; the engine computes in its own dtype
 
     def __post_init__(self) -> None:
@@ -124,6 +127,8 @@ class WorldModelTrainConfig:
         if not 0 < self.lr < 1 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             problems.append(f"need 0 < lr < 1, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
                             f"{self.min_lr_ratio}, {self.warmup_steps}")
+        if not 0 <= self.positive_fraction < 1:
+            problems.append(f"positive_fraction must lie in [0, 1), got {self.positive_fraction}")
         if self.data_dir is None and self.token_cache is None:
             problems.append("need data_dir or token_cache")
         if self.save_dtype not in ("float32", "bfloat16"):
@@ -180,8 +185,13 @@ def learning_rate(config: WorldModelTrainConfig, step: int) -> float:
 
 
 def sample_batch(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
-                 rng: np.random.Generator, batch_size: int) -> StreamBatch:
-    picks = rng.integers(0, len(windows), size=batch_size)
+                 rng: np.random.Generator, batch_size: int, positive_ids: np.ndarray | None = None,
+                 positive_fraction: float = 0.0) -> StreamBatch:
+    """Uniform windows, except round(positive_fraction * batch_size) drawn from `positive_ids`."""
+    num_positive = int(round(positive_fraction * batch_size)) if positive_ids is not None and len(positive_ids) else 0
+    picks = np.concatenate([rng.integers(0, len(windows), size=batch_size - num_positive),
+                            positive_ids[rng.integers(0, len(positive_ids), size=num_positive)] if num_positive
+                            else np.zeros(0, dtype=np.int64)])
     return collate_streams(layout, (build_stream(layout, episodes[windows[i].episode_index], windows[i].start,
                                                  windows[i].num_chunks) for i in picks))
 
@@ -234,6 +244,21 @@ def save_checkpoint(out_dir: Path, layout: TokenLayout, model: LlamaForCausalLM,
         shutil.copytree(tokenizer_dir, target)
 
 
+def load_initial_weights(checkpoint: str | Path, layout: TokenLayout, llama_config: LlamaConfig,
+                         ) -> dict[str, torch.Tensor]:
+    """float32 weights of `<checkpoint>/world_model`; its layout and shape must equal this run's."""
+    checkpoint = Path(checkpoint)
+    if TokenLayout.load(checkpoint / "layout.json") != layout:
+        raise ValueError(f"{checkpoint / 'layout.json'}: layout differs from this run's; cannot start from it")
+    source = LlamaForCausalLM.from_pretrained(checkpoint / "world_model", dtype=torch.float32)
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size"):
+        if getattr(source.config, name) != getattr(llama_config, name):
+            raise ValueError(f"{checkpoint / 'world_model'}: {name}={getattr(source.config, name)} but this run "
+                             f"has {getattr(llama_config, name)}")
+    return source.state_dict()
+
+
 def make_layout(config: WorldModelTrainConfig, tokenizer: ImageTokenizer, episodes: Sequence[TokenizedEpisode],
                 ) -> TokenLayout:
     action_dim = episodes[0].actions.shape[1]
@@ -259,7 +284,8 @@ def train(config: WorldModelTrainConfig) -> dict:
     val_windows = enumerate_windows(val_eps, layout.chunk_size, config.max_chunks)
     if not train_windows or not val_windows:
         raise WorldModelDataError(f"no training windows: episodes shorter than chunk_size={layout.chunk_size}")
-    reward_weights = reward_class_weights(train_eps, train_windows, layout.chunk_size)
+    reward_weights = reward_class_weights(train_eps, train_windows, k, config.positive_fraction)
+    positive_ids = np.flatnonzero(window_reward_counts(train_eps, train_windows, k)[:, 1] > 0)
     val_rng = np.random.default_rng(config.seed + 1)
     val_pick = val_rng.choice(len(val_windows), size=min(config.num_val_streams, len(val_windows)), replace=False)
     # 'yes' is rare (final frames only): add every validation window that has one, or the balanced accuracy
@@ -274,7 +300,10 @@ def train(config: WorldModelTrainConfig) -> dict:
     llama_config = config.architecture.llama_config(layout)
     if config.independent_views:  # marks the ablation so evaluation decodes it with the same mask
         setattr(llama_config, INDEPENDENT_VIEWS_KEY, True)
-    model = LlamaForCausalLM(llama_config).to(device)
+    model = LlamaForCausalLM(llama_config)
+    if config.init_from:
+        model.load_state_dict(load_initial_weights(config.init_from, layout, llama_config))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     rng = np.random.default_rng(config.seed)
@@ -295,7 +324,8 @@ def train(config: WorldModelTrainConfig) -> dict:
     progress = tqdm(total=config.steps, initial=step, desc="world model", leave=False)
     last_step = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
     while step < last_step:
-        batch = sample_batch(layout, train_eps, train_windows, rng, config.batch_size)
+        batch = sample_batch(layout, train_eps, train_windows, rng, config.batch_size, positive_ids,
+                             config.positive_fraction)
         ids = batch.token_ids.to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -356,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intermediate-size", type=int, default=arch.intermediate_size)
     parser.add_argument("--independent-views", action="store_true",
                         help="no-IVD ablation: wrist block cannot see the generated head block")
+    parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction,
+                        help="share of each batch drawn from windows with a 'yes' reward label")
+    parser.add_argument("--init-from", help="start from this checkpoint's world_model/ weights (same layout)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
@@ -375,7 +408,8 @@ def main(argv: list[str]) -> int:
         work_dir=args.work_dir, architecture=architecture, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, max_chunks=args.max_chunks,
         independent_views=args.independent_views, seed=args.seed, device=args.device, save_every=args.save_every,
-        save_dtype=args.save_dtype, resume=args.resume,
+        save_dtype=args.save_dtype, resume=args.resume, positive_fraction=args.positive_fraction,
+        init_from=args.init_from,
         stop_at_step=args.stop_at_step)
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))

@@ -239,18 +239,28 @@ def collate_streams(layout: TokenLayout, streams: Iterable[Stream]) -> StreamBat
     return StreamBatch(torch.from_numpy(token_ids), torch.from_numpy(targets))
 
 
-def reward_class_weights(episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
-                         chunk_size: int) -> tuple[float, float]:
-    """(weight of a 'no' label, weight of a 'yes' label) so both classes carry equal total loss over all
-    training reward positions. Raises if a class is missing: a reward head trained on one class is useless."""
-    yes = no = 0
-    for window in windows:
-        episode = episodes[window.episode_index]
-        labels = episode.success[window.start + chunk_size * np.arange(1, window.num_chunks + 1)]
-        yes += int(labels.sum())
-        no += int(len(labels) - labels.sum())
+def window_reward_counts(episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
+                         chunk_size: int) -> np.ndarray:
+    """[num_windows, 2] int: the number of 'no' and 'yes' reward labels in each window's stream."""
+    counts = np.zeros((len(windows), 2), dtype=np.int64)
+    for row, window in enumerate(windows):
+        labels = episodes[window.episode_index].success[window.start + chunk_size * np.arange(1, window.num_chunks + 1)]
+        counts[row] = (len(labels) - int(labels.sum()), int(labels.sum()))
+    return counts
+
+
+def reward_class_weights(episodes: Sequence[TokenizedEpisode], windows: Sequence[Window], chunk_size: int,
+                         positive_fraction: float = 0.0) -> tuple[float, float]:
+    """(weight of a 'no' label, weight of a 'yes' label) so both classes carry equal expected loss under the
+    sampling: windows drawn uniformly, except a `positive_fraction` of each batch drawn from windows that hold
+    a 'yes'. Raises if a class is missing: a reward head trained on one class is useless."""
+    counts = window_reward_counts(episodes, windows, chunk_size)
+    no, yes = counts.sum(axis=0)
     if yes == 0 or no == 0:
         raise WorldModelDataError(f"reward labels need both classes, got {yes} yes and {no} no over "
                                   f"{len(windows)} windows (no successful episode recorded?)")
-    total = yes + no
-    return total / (2 * no), total / (2 * yes)
+    expected = counts.mean(axis=0)
+    if positive_fraction > 0:
+        expected = (1 - positive_fraction) * expected + positive_fraction * counts[counts[:, 1] > 0].mean(axis=0)
+    total = expected.sum()
+    return float(total / (2 * expected[0])), float(total / (2 * expected[1]))

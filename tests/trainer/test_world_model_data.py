@@ -23,6 +23,7 @@ from trainer.world_model_data import (
     split_episode_ids,
     tokenize_episode,
     view_tags,
+    window_reward_counts,
 )
 
 LAYOUT = TokenLayout(codebook_size=12, tokens_per_view=4, chunk_size=2, action_dim=4, max_chunks_per_branch=2)
@@ -142,3 +143,12 @@ def test_tokenize_episode_encodes_every_view():
     assert tokenized.success.tolist() == episode.success.tolist()
     with pytest.raises(WorldModelDataError, match=r"episode has no frames for a layout view"):
         tokenize_episode(tokenizer, episode, ("head", "side"))
+
+
+def test_reward_weights_account_for_positive_oversampling():
+    episodes = [tiny_episode(success_from=4), tiny_episode(success_from=99)]
+    windows = enumerate_windows(episodes, chunk_size=2, max_chunks=2)
+    assert window_reward_counts(episodes, windows, 2)[:5].tolist() == [[1, 1], [1, 1], [0, 2], [0, 1], [0, 1]]
+    # uniform mean (no, yes) = (1.0, 0.6); mean over windows with a yes = (0.4, 1.2); half each -> (0.7, 0.9)
+    weights = reward_class_weights(episodes, windows, chunk_size=2, positive_fraction=0.5)
+    assert weights == pytest.approx((1.6 / 1.4, 1.6 / 1.8))

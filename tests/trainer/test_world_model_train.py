@@ -14,6 +14,7 @@ from trainer.train_world_model import (
     WorldModelTrainConfig,
     balanced_accuracy,
     restricted_losses,
+    sample_batch,
     train,
 )
 from trainer.world_model_data import (
@@ -112,3 +113,28 @@ def test_independent_views_hide_the_head_block_from_the_wrist(prepared):
         causal = [model(input_ids=x).logits for x in (ids, changed)]
     torch.testing.assert_close(masked[0][0, wrist], masked[1][0, wrist])
     assert not torch.allclose(causal[0][0, wrist], causal[1][0, wrist])
+
+
+def test_oversampled_batches_end_with_positive_windows():
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0], ("head", "wrist"))
+    from trainer.world_model_data import Window
+    windows = [Window(0, 0, 1), Window(0, 8, 1)]  # only the second ends on the successful last frame
+    assert episode.success[16] and not episode.success[8]
+    batch = sample_batch(layout, [episode], windows, np.random.default_rng(0), 6, np.array([1]), 0.5)
+    last = (batch.token_ids == layout.special("rew")).nonzero()[:, 1] + 1
+    answers = batch.token_ids[torch.arange(6), last]
+    assert (answers[3:] == layout.yes_id).all()
+
+
+def test_init_from_starts_at_the_given_weights_and_checks_shapes(prepared):
+    source = prepared / "ivd" / "ckpt"
+    if not source.exists():
+        train(config_for(prepared, "ivd"))
+    train(config_for(prepared, "init", steps=1, lr=1e-12, warmup_steps=0, init_from=str(source)))
+    a = LlamaForCausalLM.from_pretrained(source / "world_model").state_dict()
+    b = LlamaForCausalLM.from_pretrained(prepared / "init" / "ckpt" / "world_model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    wider = WorldModelArchitecture(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"world_model: hidden_size=32 but this run has 64"):
+        train(config_for(prepared, "wider", steps=1, architecture=wider, init_from=str(source)))
