@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default="runs/build_default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokenizer-steps", type=int, default=3000)
-    parser.add_argument("--world-model-steps", type=int, default=1000)
+    parser.add_argument("--world-model-steps", type=int, default=800)
     parser.add_argument("--world-model-batch-size", type=int, default=8)
     parser.add_argument("--ablation", action="store_true", help="also train and evaluate the no-IVD variant")
     parser.add_argument("--grid-png", help="real-vs-imagined grid of the default checkpoint")
