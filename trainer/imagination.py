@@ -76,10 +76,14 @@ def policy_values(policy: VlaPolicy, head: np.ndarray, wrist: np.ndarray, instru
 class Imaginer:
     """Runs branched rollouts over one client, splitting requests to the server's limits."""
 
-    def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4) -> None:
+    def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4,
+                 imagine_timeout: float = 1800.0) -> None:
+        """`imagine_timeout`: deadline in seconds of one CreateStates or Imagine call; a CPU-served world
+        model can take minutes for a few thousand branches, far beyond the client's default."""
         self.client = client
         self.info = client.model_info()
         self.max_parallel_requests = max_parallel_requests
+        self.imagine_timeout = imagine_timeout
 
     def rollout(self, policy: VlaPolicy, starts: Sequence[StartState], branches_per_state: int, horizon_chunks: int,
                 generator: torch.Generator, seed_base: int, world_model_temperature: float = 1.0,
@@ -104,7 +108,8 @@ class Imaginer:
         for s in range(0, len(starts), step):
             part = starts[s: s + step]
             ids += self.client.create_states([x.instruction for x in part],
-                                             [{"head": x.head, "wrist": x.wrist} for x in part])
+                                             [{"head": x.head, "wrist": x.wrist} for x in part],
+                                             timeout=self.imagine_timeout)
         return ids
 
     def _roll(self, policy: VlaPolicy, starts: Sequence[StartState], state_ids: list[str], g: int, n: int,
@@ -166,7 +171,8 @@ class Imaginer:
             lo, hi = bounds
             got = [None] * (hi - lo)
             for result in self.client.imagine(state_ids[lo:hi], actions[lo:hi], seeds=seeds[lo:hi], keep_state=keep,
-                                              temperature=temperature, return_images=True):
+                                              temperature=temperature, return_images=True,
+                                              timeout=self.imagine_timeout):
                 got[result.index] = result
                 if result.state_id is not None:
                     owned.append(result.state_id)  # list.append is atomic under the GIL
