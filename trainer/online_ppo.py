@@ -1,9 +1,10 @@
 """`vla-mbpo train-online-ppo`: the online-RL baseline, PPO on chunks collected directly in the real env.
 
 Same policy, same losses and chunk-level GAE as VLA-MBPO, but every transition costs real env steps: the
-run stops when `--total-env-steps` control steps have been spent (give it the step count of the buffer
-VLA-MBPO learned from to compare at equal real interaction). A truncated episode bootstraps from the
-critic's value of its last observation; a successful one ends with reward 1 and no bootstrap.
+run stops at the first refill that reaches `--total-env-steps` control steps (give it the step count of the
+buffer VLA-MBPO learned from; the overshoot is below num_envs * chunk_size, and the real count is logged).
+A truncated episode bootstraps from the critic's value of its last observation; a successful one ends with
+reward 1 and no bootstrap.
 """
 
 from __future__ import annotations
