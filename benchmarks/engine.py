@@ -179,7 +179,7 @@ def bench_hf(checkpoint: Path, workload: Workload, batch_sizes: list[int]) -> di
     """HF generate with sampling on the first B branches of W, all chunks; best rate over batch sizes."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model").eval()
+    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model", dtype=torch.float32).eval()
     layout = load_checkpoint(checkpoint).layout
     masks = plan_masks(layout)
     tokenizer = load_checkpoint(checkpoint).tokenizer
@@ -221,7 +221,7 @@ def greedy_parity(checkpoint: Path, config: EngineConfig, num_streams: int, num_
         results = engine.imagine([BranchRequest(p, actions[chunk, b], seed=b, keep_state=True)
                                   for b, p in enumerate(parents)], SamplingParams(temperature=0.0), return_tokens=True)
         parents = [r.state_id for r in results]
-    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model").eval()
+    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model", dtype=torch.float32).eval()
     forced, low, high = layout.generation_plan()
     equal_streams = checked = mismatched = 0
     for parent in parents:

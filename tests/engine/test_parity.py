@@ -33,7 +33,7 @@ def hf_mismatches(checkpoint, layout, streams: list[list[int]], num_chunks: int)
     """(sampled positions checked, positions where HF's restricted argmax differs from the engine)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model").eval()
+    model = LlamaForCausalLM.from_pretrained(checkpoint / "world_model", dtype=torch.float32).eval()
     forced, low, high = layout.generation_plan()
     checked = mismatched = 0
     for stream in streams:
