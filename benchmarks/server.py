@@ -6,8 +6,10 @@ run starts `vla-mbpo serve` as a subprocess with the same checkpoint and engine 
 it through `trainer.rollout_client.WorldModelClient` from this process: CreateStates with the start
 images on the wire, one streamed Imagine per chunk (chunk 1 keeps its states), exactly the same actions
 and seeds. Both timings span create-states to the last result of the last chunk; loading and a small
-warm-up run are excluded. The two alternate for `--repeats` rounds and the best of each is compared,
-so load from other processes hits both alike; only one engine is alive at a time (memory).
+warm-up run are excluded. The two alternate for `--repeats` rounds and the best of each is compared;
+only one engine is alive at a time (memory). On a shared machine other processes' load can differ between
+the phases, so CPU seconds of the same work (in-process engine vs server process + client) are reported
+beside the wall-clock ratio.
 
     python -m benchmarks.server --json server.json
 """
@@ -18,6 +20,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -55,6 +58,13 @@ class ServedRun:
     seconds: float
     first_result_seconds: float  # from the first Imagine call to its first streamed result
     results: int
+    client_cpu_seconds: float
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux /proc), so load from others cannot bias it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def kv_blocks_for(layout: TokenLayout, workload: Workload, block_size: int, headroom: float = 1.25) -> int:
@@ -67,14 +77,16 @@ def kv_blocks_for(layout: TokenLayout, workload: Workload, block_size: int, head
 
 
 # ---- in-process ---------------------------------------------------------------------------------
-def bench_in_process(checkpoint: Path, config: EngineConfig, workload: Workload) -> float:
+def bench_in_process(checkpoint: Path, config: EngineConfig, workload: Workload) -> dict:
     engine = Engine.from_checkpoint(checkpoint, config)
     run_engine_workload(engine, WARMUP, SAMPLING)
+    cpu = time.process_time()
     seconds, _ = run_engine_workload(engine, workload, SAMPLING)
+    cpu = time.process_time() - cpu
     assert engine.stats().kv_blocks_used == 0, "in-process run leaked blocks"
     del engine
     gc.collect()
-    return seconds
+    return {"seconds": seconds, "cpu_seconds": cpu}
 
 
 # ---- served -------------------------------------------------------------------------------------
@@ -86,7 +98,10 @@ class ServerProcess:
                    "--engine-block-size", str(config.block_size), "--engine-num-kv-blocks", str(config.num_kv_blocks),
                    "--engine-max-num-batched-tokens", str(config.max_num_batched_tokens),
                    "--engine-max-num-seqs", str(config.max_num_seqs), "--engine-device", config.device,
-                   "--engine-num-threads", str(config.num_threads)]
+                   "--engine-num-threads", str(config.num_threads),
+                   # A root state sits untouched while its branches run the later chunks: on a slow, shared
+                   # machine that outlasts the default lease, which would (correctly) expire it mid-run.
+                   "--state-ttl", "86400"]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
         self.log: list[str] = []
         self._reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
@@ -116,6 +131,7 @@ def run_served_workload(client: WorldModelClient, layout: TokenLayout, workload:
     states = start_states(layout, workload.num_states, workload.seed)
     actions = chunk_actions(layout, workload).astype(np.float32)
     seeds = [workload.seed * 7919 + b for b in range(workload.num_branches)]
+    cpu = time.process_time()
     start = time.perf_counter()
     roots = client.create_states([s.instruction for s in states], [s.images for s in states])
     parents = [roots[b // workload.branches_per_state] for b in range(workload.num_branches)]
@@ -134,8 +150,9 @@ def run_served_workload(client: WorldModelClient, layout: TokenLayout, workload:
             parents = kept
             held += kept
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     client.release(held)
-    return ServedRun(seconds, first_result or 0.0, received)
+    return ServedRun(seconds, first_result or 0.0, received, cpu)
 
 
 def bench_served(checkpoint: Path, config: EngineConfig, layout: TokenLayout, workload: Workload) -> dict:
@@ -144,14 +161,17 @@ def bench_served(checkpoint: Path, config: EngineConfig, layout: TokenLayout, wo
         with WorldModelClient(server.target, timeout=None) as client:
             client.wait_ready(60)
             run_served_workload(client, layout, WARMUP)
+            server_cpu = process_cpu_seconds(server.proc.pid)
             run = run_served_workload(client, layout, workload)
+            server_cpu = process_cpu_seconds(server.proc.pid) - server_cpu
             stats = client.stats()
     finally:
         server.stop()
     assert run.results == workload.num_rollouts, f"{run.results} results for {workload.num_rollouts} rollouts"
     assert (stats.live_states, stats.kv_blocks_used) == (0, 0), f"served run left {stats} behind"
     return {"seconds": run.seconds, "first_result_seconds": run.first_result_seconds,
-            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
+            "cpu_seconds": server_cpu + run.client_cpu_seconds, "server_cpu_seconds": server_cpu,
+            "client_cpu_seconds": run.client_cpu_seconds, "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -184,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
                               num_threads=args.threads, device=args.device)
         report: dict = {"machine": machine_info(), "checkpoint": checkpoint_note, "workload": asdict(workload),
                         "model_parameters": loaded.model_config.num_parameters, "engine_config": asdict(config),
-                        "in_process_seconds": [], "served_seconds": [], "served_first_result_seconds": []}
+                        "in_process_seconds": [], "served_seconds": [], "served_first_result_seconds": [],
+                        "in_process_cpu_seconds": [], "served_cpu_seconds": [], "load_average_1m": []}
         del loaded
         print(json.dumps(report["machine"]), file=sys.stderr)
         for round_ in range(args.repeats):
-            report["in_process_seconds"].append(bench_in_process(checkpoint, config, workload))
+            report["load_average_1m"].append(os.getloadavg()[0])
+            in_process = bench_in_process(checkpoint, config, workload)
+            report["in_process_seconds"].append(in_process["seconds"])
+            report["in_process_cpu_seconds"].append(in_process["cpu_seconds"])
+            report["load_average_1m"].append(os.getloadavg()[0])
             served = bench_served(checkpoint, config, layout, workload)
             report["served_seconds"].append(served["seconds"])
+            report["served_cpu_seconds"].append(served["cpu_seconds"])
             report["served_first_result_seconds"].append(served["first_result_seconds"])
             print(f"  round {round_}: in-process {report['in_process_seconds'][-1]:.2f} s, "
                   f"served {served['seconds']:.2f} s", file=sys.stderr)
@@ -198,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     report["in_process_rollouts_per_s"] = workload.num_rollouts / in_process
     report["served_rollouts_per_s"] = workload.num_rollouts / served_best
     report["served_over_in_process"] = report["served_rollouts_per_s"] / report["in_process_rollouts_per_s"]
+    # CPU seconds of the same work (server + client vs the in-process engine): immune to other processes' load.
+    report["served_over_in_process_cpu"] = min(report["in_process_cpu_seconds"]) / min(report["served_cpu_seconds"])
     report["generated_tokens_per_rollout"] = layout.generated_len
     report["target"] = 0.9
     report["meets_target"] = report["served_over_in_process"] >= report["target"]
@@ -221,6 +249,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                          f"({report['served_rollouts_per_s'] * tokens:.0f} generated tok/s)"),
         ("served / in-process", f"{report['served_over_in_process']:.1%} (target >= 90%: "
                                 f"{'met' if report['meets_target'] else 'NOT met'})"),
+        ("by CPU seconds (load-free)", f"{report['served_over_in_process_cpu']:.1%} "
+                                       f"({min(report['in_process_cpu_seconds']):.1f} s in-process vs "
+                                       f"{min(report['served_cpu_seconds']):.1f} s server + client)"),
+        ("load average at each phase", " ".join(f"{x:.1f}" for x in report["load_average_1m"])),
         ("served first result", f"{min(report['served_first_result_seconds']):.2f} s after the Imagine call"),
         ("rounds (s) in-process", " ".join(f"{s:.2f}" for s in report["in_process_seconds"])),
         ("rounds (s) served", " ".join(f"{s:.2f}" for s in report["served_seconds"])),
