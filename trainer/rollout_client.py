@@ -9,7 +9,9 @@
 
 Calls that fail with UNAVAILABLE (server not up yet, restarting, connection dropped) are retried with
 exponential backoff; an Imagine is retried only if no result had arrived yet. Every other status is
-raised at once as `RolloutServerError` with the server's message. `timeout` is a per-attempt deadline.
+raised at once as `RolloutServerError` with the server's message. `timeout` is the per-attempt deadline
+of the unary calls; an Imagine stream has no deadline unless `imagine_timeout` (or the call's `timeout`)
+sets one, since a large request legitimately streams for minutes on a CPU: close its iterator to cancel.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ class ServerStats:
 class WorldModelClient:
     """A blocking client of one rollout server. Thread-safe like the underlying gRPC channel."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float | None = 60.0,
-                 retry: RetryPolicy = RetryPolicy(), client_id: str | None = None,
+    def __init__(self, target: str, token: str | None = None, timeout: float | None = 300.0,
+                 imagine_timeout: float | None = None, retry: RetryPolicy = RetryPolicy(), client_id: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False, server_name: str | None = None,
                  max_message_mb: int = 256, seed: int = 0) -> None:
         """`token`: bearer token; `client_id`: sent as x-client-id (the server charges states to it, else to
@@ -140,6 +142,7 @@ class WorldModelClient:
             self._metadata.append(("x-client-id", client_id))
         self.target = target
         self.timeout = timeout
+        self.imagine_timeout = imagine_timeout
         self.retry = retry
         self._rng = random.Random(seed)
         self._info: ServerModelInfo | None = None
@@ -200,7 +203,7 @@ class WorldModelClient:
         request = self._imagine_request(state_ids, actions, seeds, keep_state, temperature, top_k, top_p,
                                         return_images, return_tokens)
         tokens_per_view = self.model_info().tokens_per_view if return_tokens else 0
-        return self._imagine_stream(request, timeout, tokens_per_view)
+        return self._imagine_stream(request, self.imagine_timeout if timeout is None else timeout, tokens_per_view)
 
     def release(self, state_ids: Sequence[str], timeout: float | None = None) -> int:
         """Releases states (atomic: an unknown id releases nothing); returns how many."""
@@ -241,7 +244,7 @@ class WorldModelClient:
         attempt = 0
         while True:
             attempt += 1
-            call = self._stub.Imagine(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            call = self._stub.Imagine(request, timeout=timeout, metadata=self._metadata)
             received = 0
             try:
                 for msg in call:

@@ -165,6 +165,20 @@ def test_cancelled_imagine_stops_and_frees_its_work(start_server):
         client.release([root])
 
 
+def test_imagine_deadline_stops_the_work(start_server):
+    server = start_server(SLOW_ENGINE)
+    with WorldModelClient(server.target) as client:
+        (root,) = client.create_states(["pick"], observations(1))
+        held_by_root = client.stats().kv_blocks_used
+        with pytest.raises(RolloutServerError) as info:
+            list(client.imagine([root] * 512, action_chunks(512), timeout=0.3))
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and info.value.attempts == 1
+        wait_for(lambda: client.stats().queue_depth == 0)
+        stats = client.stats()
+        assert stats.branches_completed < 512 and stats.kv_blocks_used == held_by_root
+        client.release([root])
+
+
 def test_cancelled_kept_branches_leak_nothing_after_the_ttl(start_server):
     server = start_server(SLOW_ENGINE, state_ttl=0.5, housekeeping_interval=0.05)
     with WorldModelClient(server.target) as client:
