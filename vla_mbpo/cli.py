@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.mbpo", "VLA-MBPO: PPO on imagined branched rollouts served over gRPC"),
     "train-online-ppo": ("trainer.online_ppo", "baseline: PPO directly in the real env"),
     "evaluate": ("trainer.evaluate", "real-env success rate of a policy per task"),
-    "bench": ("benchmarks", "run a benchmark: `vla-mbpo bench NAME [args]` (engine, kernels, server)"),
+    "bench": ("benchmarks", "run a benchmark: `vla-mbpo bench NAME [args]` (engine, server, kernels, env)"),
 }
 
 
