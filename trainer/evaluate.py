@@ -21,7 +21,7 @@ import torch
 
 from trainer.config import EvalConfig
 from trainer.data import VIEWS, DatasetMeta, Episode, EpisodeWriter
-from trainer.policy import VlaPolicy, load_policy, make_batch
+from trainer.policy import VlaPolicy, load_policy, make_batch, save_policy
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,19 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False) 
         mine = [o.success for o in outcomes if o.env_id == env_id]
         rates[family_name(env_id)] = float(np.mean(mine))
     return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started)
+
+
+def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, stage: str,
+                         iteration: int) -> dict[str, float]:
+    """Real-env success of a policy being trained, as metric records (`real/success_*`).
+
+    The policy is saved to OUT/eval_snapshot first so that worker processes can load it."""
+    snapshot = out_dir / "eval_snapshot"
+    save_policy(policy, snapshot, {"stage": stage, "iteration": iteration})
+    result = evaluate_policy(snapshot, config)
+    out = {"real/success_mean": result.mean_success}
+    out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
+    return out
 
 
 def record_to(result: EvalResult, out_dir: Path, chunk_size: int) -> dict:

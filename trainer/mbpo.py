@@ -115,14 +115,9 @@ class MBPOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Real-env success of the current policy (the eval config's seeded episodes)."""
-        from trainer.evaluate import evaluate_policy
+        from trainer.evaluate import evaluate_in_training
 
-        snapshot = self.out_dir / "eval_snapshot"
-        save_policy(self.policy, snapshot, {"stage": "mbpo", "iteration": self.iteration})
-        result = evaluate_policy(snapshot, self.eval_config)
-        out = {"real/success_mean": result.mean_success}
-        out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
-        return out
+        return evaluate_in_training(self.policy, self.out_dir, self.eval_config, "mbpo", self.iteration)
 
     def should_evaluate(self) -> bool:
         return self.eval_config is not None and (self.iteration % self.config.eval_every == 0

@@ -100,14 +100,9 @@ class OnlinePPOTrainer:
         return np.stack([o["head"] for o in observations]), np.stack([o["wrist"] for o in observations])
 
     def evaluate(self) -> dict[str, float]:
-        from trainer.evaluate import evaluate_policy
+        from trainer.evaluate import evaluate_in_training
 
-        snapshot = self.out_dir / "eval_snapshot"
-        save_policy(self.policy, snapshot, {"stage": "online_ppo", "iteration": self.iteration})
-        result = evaluate_policy(snapshot, self.eval_config)
-        out = {"real/success_mean": result.mean_success}
-        out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
-        return out
+        return evaluate_in_training(self.policy, self.out_dir, self.eval_config, "online_ppo", self.iteration)
 
     def log(self, record: dict) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
