@@ -5,7 +5,15 @@ import torch
 
 from trainer.config import ConfigError, EvalConfig, PolicyConfig
 from trainer.data import EpisodeDataset
-from trainer.evaluate import EpisodeOutcome, EvalResult, evaluate_policy, family_name, format_table, record_to
+from trainer.evaluate import (
+    EpisodeOutcome,
+    EvalResult,
+    evaluate_in_training,
+    evaluate_policy,
+    family_name,
+    format_table,
+    record_to,
+)
 from trainer.policy import VlaPolicy, save_policy
 
 # 64x64 like the env; four halvings keep the CNN tiny.
@@ -34,6 +42,14 @@ def test_evaluation_counts_steps_and_is_reproducible(policy_dir):
     assert first.success_rate == {"lift": 0.0, "push": 0.0} and first.mean_success == 0.0
     again = evaluate_policy(policy_dir, config)
     assert [o.success for o in again.episodes] == [o.success for o in first.episodes]
+
+
+def test_evaluation_during_training_snapshots_the_policy(tmp_path):
+    torch.manual_seed(0)
+    config = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=7, num_workers=1, max_steps=8)
+    metrics = evaluate_in_training(VlaPolicy(SMALL), tmp_path, config, stage="mbpo", iteration=3)
+    assert metrics == {"real/success_mean": 0.0, "real/success_lift": 0.0}
+    assert (tmp_path / "eval_snapshot").is_dir()
 
 
 def test_recorded_episodes_become_a_replay_buffer(policy_dir, tmp_path):
