@@ -84,6 +84,14 @@ def _triton_module(name: str, device: torch.device) -> ModuleType:
     return module
 
 
+def _implementation(function: str, triton_module: str, device: torch.device, backend: Backend | None):
+    """The `function` of the backend a call on `device` resolves to (Triton kernels live in `triton_module`)."""
+    chosen = resolve_backend(device, backend)
+    if chosen == "triton":
+        return getattr(_triton_module(triton_module, device), function)
+    return getattr(torch_attention if chosen == "torch" else reference, function)
+
+
 def store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -93,13 +101,7 @@ def store_kv(
     backend: Backend | None = None,
 ) -> None:
     """Write new K/V rows into the paged cache in place, skipping padding slots."""
-    chosen = resolve_backend(key.device, backend)
-    if chosen == "triton":
-        _triton_module("kv_store", key.device).store_kv(key, value, k_cache, v_cache, slot_mapping)
-    elif chosen == "torch":
-        torch_attention.store_kv(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    _implementation("store_kv", "kv_store", key.device, backend)(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
@@ -116,13 +118,8 @@ def paged_attention(
 
     GQA when num_heads is a multiple of num_kv_heads; float32/float16/bfloat16, accumulated in float32.
     """
-    chosen = resolve_backend(query.device, backend)
-    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
-    if chosen == "triton":
-        return _triton_module("paged_attention", query.device).paged_attention(*args)
-    if chosen == "torch":
-        return torch_attention.paged_attention(*args)
-    return reference.paged_attention(*args)
+    attend = _implementation("paged_attention", "paged_attention", query.device, backend)
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
 def paged_attention_with_lse(
@@ -139,13 +136,8 @@ def paged_attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32 [.., H]
     """Partial attention over key positions [kv_start, seq_len) (also <= the query position when causal),
     returning the float32 output and the log-sum-exp of the scores (-inf for a row that saw no key)."""
-    chosen = resolve_backend(query.device, backend)
-    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, kv_start, causal)
-    if chosen == "triton":
-        return _triton_module("paged_attention", query.device).paged_attention_with_lse(*args)
-    if chosen == "torch":
-        return torch_attention.paged_attention_with_lse(*args)
-    return reference.paged_attention_with_lse(*args)
+    attend = _implementation("paged_attention_with_lse", "paged_attention", query.device, backend)
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, kv_start, causal)
 
 
 def merge_attention_states(
@@ -156,12 +148,8 @@ def merge_attention_states(
     backend: Backend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
     """Exact attention over the union of two disjoint key sets from the (out, lse) of each."""
-    chosen = resolve_backend(out_a.device, backend)
-    if chosen == "triton":
-        return _triton_module("cascade", out_a.device).merge_attention_states(out_a, lse_a, out_b, lse_b)
-    if chosen == "torch":
-        return torch_attention.merge_attention_states(out_a, lse_a, out_b, lse_b)
-    return reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    merge = _implementation("merge_attention_states", "cascade", out_a.device, backend)
+    return merge(out_a, lse_a, out_b, lse_b)
 
 
 def cascade_attention(
@@ -188,13 +176,8 @@ def cascade_attention(
     plan: optional plan_cascade(query_start_loc, prefix_lens, seq_prefix_ids, num_tokens), built once per
     step and reused by every layer (the reference backend ignores it).
     """
-    chosen = resolve_backend(query.device, backend)
     args = (
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, prefix_block_tables, prefix_lens,
         seq_prefix_ids, scale,
     )
-    if chosen == "triton":
-        return _triton_module("cascade", query.device).cascade_attention(*args, plan=plan)
-    if chosen == "torch":
-        return torch_attention.cascade_attention(*args, plan=plan)
-    return reference.cascade_attention(*args)
+    return _implementation("cascade_attention", "cascade", query.device, backend)(*args, plan=plan)

@@ -151,6 +151,7 @@ def cascade_attention(
     prefix_lens: torch.Tensor,  # int32 [num_prefixes]
     seq_prefix_ids: torch.Tensor,  # int32 [num_seqs], -1 = no shared prefix
     scale: float,
+    plan: object = None,  # accepted for a uniform dispatch signature; the reference groups queries itself
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], dtype of query
     """Causal paged attention where sequence s first sees prefix seq_prefix_ids[s] through the prefix's
     block table (no mask: all its queries lie after the prefix), then its own positions [prefix_len, pos];
