@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.cli_args import add_eval_arguments, add_ppo_arguments, eval_config_from_args, ppo_config_from_args
 from trainer.config import EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import EpisodeDataset
 from trainer.imagination import ImaginedRollouts, Imaginer, StartState
@@ -188,7 +189,7 @@ def _mean_stats(stats: list[dict[str, float]], weights: list[int]) -> dict[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    m, p = MBPOConfig(), PPOConfig()
+    m = MBPOConfig()
     parser = argparse.ArgumentParser(prog="vla-mbpo train", description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True, help="rollout server HOST:PORT")
     parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
@@ -206,16 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward-threshold", type=float, default=m.reward_threshold)
     parser.add_argument("--policy-temperature", type=float, default=m.policy_temperature,
                         help="the trained policy is softmax(logits / T); T < 1 explores nearer the SFT mode")
-    parser.add_argument("--updates-per-refill", type=int, default=p.updates_per_refill)
-    parser.add_argument("--minibatch-size", type=int, default=p.minibatch_size)
-    parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
-    parser.add_argument("--critic-lr", type=float, default=p.critic_lr)
-    parser.add_argument("--clip-ratio", type=float, default=p.clip_ratio)
-    parser.add_argument("--eval-every", type=int, default=m.eval_every)
-    parser.add_argument("--eval-episodes", type=int, default=m.eval_episodes,
-                        help="real episodes per task family at each evaluation (0: no evaluation)")
-    parser.add_argument("--eval-seed", type=int, default=EvalConfig().seed)
-    parser.add_argument("--eval-workers", type=int, default=EvalConfig().num_workers)
+    add_ppo_arguments(parser)
+    add_eval_arguments(parser, eval_every=m.eval_every, eval_episodes=m.eval_episodes)
     parser.add_argument("--seed", type=int, default=m.seed)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -230,11 +223,7 @@ def main(argv: list[str]) -> int:
                         policy_temperature=args.policy_temperature,
                         states_per_wave=args.states_per_wave, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed)
-    ppo = PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,
-                    actor_lr=args.actor_lr, critic_lr=args.critic_lr, clip_ratio=args.clip_ratio)
-    eval_config = None
-    if args.eval_episodes > 0:
-        eval_config = EvalConfig(episodes=args.eval_episodes, seed=args.eval_seed, num_workers=args.eval_workers)
+    ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)
     policy, _ = load_policy(args.policy)
     with WorldModelClient(args.server, token=args.token) as client:
         client.wait_ready(timeout=60.0)

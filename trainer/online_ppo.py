@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.cli_args import add_eval_arguments, add_ppo_arguments, eval_config_from_args, ppo_config_from_args
 from trainer.config import EvalConfig, OnlinePPOConfig, PPOConfig
 from trainer.imagination import policy_values
 from trainer.policy import VlaPolicy, load_policy, make_batch, save_policy
@@ -144,7 +145,7 @@ class OnlinePPOTrainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    o, p = OnlinePPOConfig(), PPOConfig()
+    o = OnlinePPOConfig()
     parser = argparse.ArgumentParser(prog="vla-mbpo train-online-ppo", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", type=Path, required=True, help="initial (SFT) policy checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="run directory: metrics.jsonl and policy/")
@@ -153,15 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-id", default=o.env_id)
     parser.add_argument("--num-envs", type=int, default=o.num_envs)
     parser.add_argument("--chunks-per-rollout", type=int, default=o.chunks_per_rollout)
-    parser.add_argument("--updates-per-refill", type=int, default=p.updates_per_refill)
-    parser.add_argument("--minibatch-size", type=int, default=p.minibatch_size)
-    parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
-    parser.add_argument("--critic-lr", type=float, default=p.critic_lr)
+    add_ppo_arguments(parser)
     parser.add_argument("--policy-temperature", type=float, default=o.policy_temperature)
-    parser.add_argument("--eval-every", type=int, default=o.eval_every)
-    parser.add_argument("--eval-episodes", type=int, default=o.eval_episodes)
-    parser.add_argument("--eval-seed", type=int, default=EvalConfig().seed)
-    parser.add_argument("--eval-workers", type=int, default=EvalConfig().num_workers)
+    add_eval_arguments(parser, eval_every=o.eval_every, eval_episodes=o.eval_episodes)
     parser.add_argument("--seed", type=int, default=o.seed)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -176,11 +171,7 @@ def main(argv: list[str]) -> int:
                              chunks_per_rollout=args.chunks_per_rollout, eval_every=args.eval_every,
                              eval_episodes=args.eval_episodes, seed=args.seed,
                              policy_temperature=args.policy_temperature)
-    ppo = PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,
-                    actor_lr=args.actor_lr, critic_lr=args.critic_lr)
-    eval_config = None
-    if args.eval_episodes > 0:
-        eval_config = EvalConfig(episodes=args.eval_episodes, seed=args.eval_seed, num_workers=args.eval_workers)
+    ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)
     policy, _ = load_policy(args.policy)
     OnlinePPOTrainer(policy, args.out, config, ppo, eval_config).train(progress=not args.no_progress)
     print(f"wrote {args.out / 'policy'}")
