@@ -17,12 +17,11 @@ import torch
 from kernels import dispatch
 
 from .models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM
+from .prefix_sharing import shared_prefix_groups
 from .sampler import DecodingPlan, SamplingBatch, sample, yes_probability
 from .scheduler import SchedulerOutput
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Cascade attention pays off once a prefix is shared by a few sequences and spans a block or more.
-CASCADE_MIN_GROUP = 2
 
 
 @dataclass
@@ -47,6 +46,22 @@ def retain_freed_host_memory() -> bool:
         return False
 
 
+def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device, heads_major: bool) -> torch.Tensor:
+    """The KV cache of every layer as one [layers, K/V, num_blocks, block_size, kv_heads, head_dim] tensor, so a
+    copy-on-write block copy is one op.
+
+    heads_major lays the memory out as [layers, K/V, kv_heads, num_blocks, block_size, head_dim] and returns the
+    permuted view: the shape every kernel expects, with each (kv head, block) tile contiguous, which lets the
+    CPU attention gather whole tiles per sequence. The Triton kernels want the contiguous NHD layout.
+    """
+    shape = (config.num_hidden_layers, 2, config.num_key_value_heads, num_blocks, block_size, config.head_dim)
+    if not heads_major:
+        shape = shape[:2] + (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device).permute(0, 1, 3, 4, 2, 5)
+
+
 class ModelRunner:
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, num_blocks: int, block_size: int,
                  plan: DecodingPlan, yes_id: int, no_id: int, device: str = "cpu", dtype: str = "float32",
@@ -66,9 +81,9 @@ class ModelRunner:
         model.load_hf_weights(weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rope.to(torch.float32)  # cos/sin tables stay float32 (cast per step)
-        # [layers, K/V, num_blocks, block_size, kv_heads, head_dim]: one tensor, so a COW copy is one op.
-        self.kv_caches = torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads,
-                                     config.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.dtype, self.device,
+                                            heads_major=dispatch.resolve_backend(self.device, attention_backend)
+                                            == "torch")
         # Work counters for FLOP accounting (benchmarks): tokens through the layers, rows through lm_head,
         # and (query, key) pairs attended.
         self.num_forward_tokens = 0
@@ -123,34 +138,13 @@ class ModelRunner:
         return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(logits_rows)
 
     def _add_cascade(self, meta: AttentionMetadata, block_tables: np.ndarray, context_before: np.ndarray) -> None:
-        """Sequences whose tables start with the same blocks share that prefix (forks of one state):
-        their queries meet its keys in one pass. The prefix must end before every member's queries."""
-        first = block_tables[:, 0]
-        order = np.argsort(first, kind="stable")
-        _, starts, counts = np.unique(first[order], return_index=True, return_counts=True)
-        seq_prefix_ids = np.full(len(first), -1, dtype=np.int32)
-        prefix_tables, prefix_lens = [], []
-        for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
-            if count < CASCADE_MIN_GROUP:
-                continue
-            rows = order[start:start + count]
-            same = (block_tables[rows] == block_tables[rows[0]]).all(axis=0)
-            num_shared_blocks = int(np.argmin(same)) if not same.all() else same.shape[0]
-            prefix_len = min(num_shared_blocks * self.block_size, int(context_before[rows].min()))
-            if prefix_len < self.block_size:
-                continue
-            seq_prefix_ids[rows] = len(prefix_lens)
-            prefix_lens.append(prefix_len)
-            prefix_tables.append(block_tables[rows[0], : -(-prefix_len // self.block_size)])
-        if not prefix_lens:
+        """Sequences sharing a prefix (forks of one state) meet its keys in one pass; see prefix_sharing."""
+        groups = shared_prefix_groups(block_tables, context_before, self.block_size)
+        if not len(groups.prefix_lens):
             return
-        width = max(len(table) for table in prefix_tables)
-        padded = np.zeros((len(prefix_tables), width), dtype=np.int32)
-        for i, table in enumerate(prefix_tables):
-            padded[i, : len(table)] = table
-        meta.prefix_block_tables = self._tensor(padded)
-        meta.prefix_lens = self._tensor(np.asarray(prefix_lens, dtype=np.int32))
-        meta.seq_prefix_ids = self._tensor(seq_prefix_ids)
+        meta.prefix_block_tables = self._tensor(groups.prefix_tables)
+        meta.prefix_lens = self._tensor(groups.prefix_lens)
+        meta.seq_prefix_ids = self._tensor(groups.seq_prefix_ids)
         meta.cascade_plan = dispatch.plan_cascade(meta.query_start_loc, meta.prefix_lens, meta.seq_prefix_ids,
                                                   int(meta.slot_mapping.shape[0]))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_cases import TOLERANCES, independent, make_batch, shared
 
-from kernels import reference, torch_attention
+from kernels import reference, torch_attention, torch_decode
 
 GRID = [
     # (groups, block_size, num_kv_heads, group_size)
@@ -19,23 +19,45 @@ GRID = [
 ]
 
 
+def heads_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same cache values with the engine's CPU memory layout: [kv_heads, blocks, block_size, D] memory seen
+    through a [blocks, block_size, kv_heads, D] view (the torch path gathers whole tiles from it)."""
+    view = cache.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    assert torch.equal(view, cache) and torch_attention.heads_major_view(view) is not None
+    return view
+
+
+LAYOUTS = {"nhd": lambda cache: cache, "hnd": heads_major}
+
+
 @pytest.mark.parametrize(("groups", "block_size", "num_kv_heads", "group_size"), GRID)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_paged_attention_matches_reference(groups, block_size, num_kv_heads, group_size, dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_paged_attention_matches_reference(groups, block_size, num_kv_heads, group_size, dtype, layout):
     batch = make_batch(groups, block_size, num_kv_heads, group_size, head_dim=8, dtype=dtype, seed=1)
     expected = reference.paged_attention(*batch.attention_args())
+    batch.k_cache, batch.v_cache = LAYOUTS[layout](batch.k_cache), LAYOUTS[layout](batch.v_cache)
     got = torch_attention.paged_attention(*batch.attention_args())
     assert got.dtype == dtype and got.shape == batch.query.shape
     torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize(("groups", "block_size", "num_kv_heads", "group_size"), GRID)
-def test_cascade_matches_paged_attention(groups, block_size, num_kv_heads, group_size):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cascade_matches_paged_attention(groups, block_size, num_kv_heads, group_size, layout):
     batch = make_batch(groups, block_size, num_kv_heads, group_size, head_dim=8, seed=2)
     expected = reference.paged_attention(*batch.attention_args())
     tolerance = TOLERANCES[torch.float32]
     torch.testing.assert_close(reference.cascade_attention(*batch.cascade_args()), expected, **tolerance)
+    batch.k_cache, batch.v_cache = LAYOUTS[layout](batch.k_cache), LAYOUTS[layout](batch.v_cache)
     torch.testing.assert_close(torch_attention.cascade_attention(*batch.cascade_args()), expected, **tolerance)
+
+
+def test_heads_major_view_tells_the_layouts_apart():
+    cache = torch.zeros(5, 4, 2, 8)  # [blocks, block_size, kv_heads, D], contiguous NHD
+    assert torch_attention.heads_major_view(cache) is None
+    view = torch_attention.heads_major_view(heads_major(cache))
+    assert view is not None and view.shape == (2, 5, 4, 8)
 
 
 def test_reference_equals_dense_causal_attention():
@@ -109,3 +131,40 @@ def test_a_batch_cut_into_one_sequence_chunks_gives_the_same_answer(monkeypatch)
                                **TOLERANCES[torch.float32])
     torch.testing.assert_close(torch_attention.cascade_attention(*batch.cascade_args()), expected,
                                **TOLERANCES[torch.float32])
+
+
+def decode_args(batch, kv_start: list[int] | None = None) -> tuple:
+    n = batch.block_tables.shape[0]
+    first_keys = torch.zeros(n, dtype=torch.long) if kv_start is None else torch.tensor(kv_start)
+    return (batch.query, heads_major(batch.k_cache).permute(2, 0, 1, 3), heads_major(batch.v_cache).permute(2, 0, 1, 3),
+            batch.block_tables, batch.seq_lens.long(), first_keys, batch.scale)
+
+
+@pytest.mark.parametrize("kv_start", [None, [0, 5, 0, 16, 33]])
+def test_decode_in_place_matches_reference_out_and_lse(kv_start):
+    """One query per sequence, private blocks: the in-place pass runs (no fallback) and is exact; a kv_start
+    mid-block masks the block's first keys, one past the end leaves the sequence empty (0, -inf)."""
+    batch = make_batch([independent((1, 1), (7, 1), (16, 1), (33, 1), (30, 1))], block_size=4, num_kv_heads=2,
+                       group_size=3, head_dim=8, seed=4, spare_blocks=0)
+    start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
+    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args(), kv_start=start)
+    decoded = torch_decode.decode_in_place(*decode_args(batch, kv_start))
+    assert decoded is not None
+    torch.testing.assert_close(decoded[0], expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(decoded[1], expected_lse, atol=2e-5, rtol=2e-5)
+    if kv_start is not None:
+        assert torch.equal(decoded[0][4], torch.zeros(6, 8)) and decoded[1][4].tolist() == [float("-inf")] * 6
+
+
+def test_decode_in_place_declines_shared_and_sparse_blocks():
+    batch = make_batch([independent((4, 1), (4, 1))], block_size=4, num_kv_heads=1, group_size=2, head_dim=8,
+                       spare_blocks=40)  # 42 blocks
+    args = list(decode_args(batch))
+
+    def run(tables: list[list[int]], seq_lens: list[int], first_keys: list[int]):
+        args[3:6] = torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens), torch.tensor(first_keys)
+        return torch_decode.decode_in_place(*args)
+
+    assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [0, 0]) is None  # both read the shared blocks 1 and 2
+    assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [8, 8]) is not None  # the private suffixes only: blocks 3, 4
+    assert run([[0, 0, 0], [41, 0, 0]], [4, 4], [0, 0]) is None  # 2 blocks read, 42 ids spanned
