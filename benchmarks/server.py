@@ -61,10 +61,10 @@ class ServedRun:
     client_cpu_seconds: float
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of another process (Linux /proc), so load from others cannot bias it."""
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of another process (Linux /proc), so load from others cannot bias it."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def kv_blocks_for(layout: TokenLayout, workload: Workload, block_size: int, headroom: float = 1.25) -> int:
@@ -80,13 +80,14 @@ def kv_blocks_for(layout: TokenLayout, workload: Workload, block_size: int, head
 def bench_in_process(checkpoint: Path, config: EngineConfig, workload: Workload) -> dict:
     engine = Engine.from_checkpoint(checkpoint, config)
     run_engine_workload(engine, WARMUP, SAMPLING)
-    cpu = time.process_time()
+    before = os.times()
     seconds, _ = run_engine_workload(engine, workload, SAMPLING)
-    cpu = time.process_time() - cpu
+    after = os.times()
     assert engine.stats().kv_blocks_used == 0, "in-process run leaked blocks"
     del engine
     gc.collect()
-    return {"seconds": seconds, "cpu_seconds": cpu}
+    return {"seconds": seconds, "cpu_seconds": after.user + after.system - before.user - before.system,
+            "system_cpu_seconds": after.system - before.system}
 
 
 # ---- served -------------------------------------------------------------------------------------
@@ -161,9 +162,10 @@ def bench_served(checkpoint: Path, config: EngineConfig, layout: TokenLayout, wo
         with WorldModelClient(server.target, timeout=None) as client:
             client.wait_ready(60)
             run_served_workload(client, layout, WARMUP)
-            server_cpu = process_cpu_seconds(server.proc.pid)
+            user, system = process_cpu_seconds(server.proc.pid)
             run = run_served_workload(client, layout, workload)
-            server_cpu = process_cpu_seconds(server.proc.pid) - server_cpu
+            user_after, system_after = process_cpu_seconds(server.proc.pid)
+            server_cpu, server_system = user_after + system_after - user - system, system_after - system
             stats = client.stats()
     finally:
         server.stop()
@@ -171,7 +173,8 @@ def bench_served(checkpoint: Path, config: EngineConfig, layout: TokenLayout, wo
     assert (stats.live_states, stats.kv_blocks_used) == (0, 0), f"served run left {stats} behind"
     return {"seconds": run.seconds, "first_result_seconds": run.first_result_seconds,
             "cpu_seconds": server_cpu + run.client_cpu_seconds, "server_cpu_seconds": server_cpu,
-            "client_cpu_seconds": run.client_cpu_seconds, "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
+            "server_system_cpu_seconds": server_system, "client_cpu_seconds": run.client_cpu_seconds,
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict = {"machine": machine_info(), "checkpoint": checkpoint_note, "workload": asdict(workload),
                         "model_parameters": loaded.model_config.num_parameters, "engine_config": asdict(config),
                         "in_process_seconds": [], "served_seconds": [], "served_first_result_seconds": [],
-                        "in_process_cpu_seconds": [], "served_cpu_seconds": [], "load_average_1m": []}
+                        "in_process_cpu_seconds": [], "served_cpu_seconds": [], "in_process_system_cpu_seconds": [],
+                        "server_system_cpu_seconds": [], "load_average_1m": []}
         del loaded
         print(json.dumps(report["machine"]), file=sys.stderr)
         for round_ in range(args.repeats):
@@ -213,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             in_process = bench_in_process(checkpoint, config, workload)
             report["in_process_seconds"].append(in_process["seconds"])
             report["in_process_cpu_seconds"].append(in_process["cpu_seconds"])
+            report["in_process_system_cpu_seconds"].append(in_process["system_cpu_seconds"])
             report["load_average_1m"].append(os.getloadavg()[0])
             served = bench_served(checkpoint, config, layout, workload)
             report["served_seconds"].append(served["seconds"])
             report["served_cpu_seconds"].append(served["cpu_seconds"])
+            report["server_system_cpu_seconds"].append(served["server_system_cpu_seconds"])
             report["served_first_result_seconds"].append(served["first_result_seconds"])
             print(f"  round {round_}: in-process {report['in_process_seconds'][-1]:.2f} s, "
                   f"served {served['seconds']:.2f} s", file=sys.stderr)
@@ -252,6 +258,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("by CPU seconds (load-free)", f"{report['served_over_in_process_cpu']:.1%} "
                                        f"({min(report['in_process_cpu_seconds']):.1f} s in-process vs "
                                        f"{min(report['served_cpu_seconds']):.1f} s server + client)"),
+        # System time is page faults here: a served engine that does not reuse its freed host memory shows it.
+        ("system CPU s: in-process / server", " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(
+            report["in_process_system_cpu_seconds"], report["server_system_cpu_seconds"], strict=True))),
         ("load average at each phase", " ".join(f"{x:.1f}" for x in report["load_average_1m"])),
         ("served first result", f"{min(report['served_first_result_seconds']):.2f} s after the Imagine call"),
         ("rounds (s) in-process", " ".join(f"{s:.2f}" for s in report["in_process_seconds"])),
