@@ -24,7 +24,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from engine.image_tokenizer import ImageTokenizer
 from engine.layout import TokenLayout
 from trainer.image_metrics import finite_mean, psnr_per_image, ssim_per_image
-from trainer.train_world_model import INDEPENDENT_VIEWS_KEY, balanced_accuracy
+from trainer.train_world_model import INDEPENDENT_VIEWS_KEY, balanced_accuracy, positive_int
 from trainer.world_model_data import (
     TARGET_REWARD,
     TokenizedEpisode,
@@ -284,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = EvalConfig(checkpoint=args.checkpoint, data_dir=args.data, json_out=args.json, grid_png=args.grid_png,
                         num_windows=args.num_windows, batch_size=args.batch_size, seed=args.seed,
                         device=args.device)

@@ -196,10 +196,26 @@ def sample_batch(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], wind
                                                  windows[i].num_chunks) for i in picks))
 
 
+def check_batches(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
+                  positive_ids: np.ndarray, count: int, rng: np.random.Generator, batch_size: int,
+                  max_positives: int | None = None) -> list[StreamBatch]:
+    """Fixed batches for a teacher-forced check: `count` uniform windows plus the windows in `positive_ids`
+    (holding a 'yes'; at most `max_positives` of them, drawn with `rng`) not already picked. 'yes' is rare
+    (final frames only): without them the balanced accuracy silently degenerates to the recall of 'no'."""
+    picks = rng.choice(len(windows), size=min(count, len(windows)), replace=False)
+    extra = np.setdiff1d(positive_ids, picks)
+    if max_positives is not None and len(extra) > max_positives:
+        extra = np.sort(rng.choice(extra, size=max_positives, replace=False))
+    picks = np.concatenate([picks, extra]).astype(int)
+    return [collate_streams(layout, (build_stream(layout, episodes[windows[i].episode_index], windows[i].start,
+                                                  windows[i].num_chunks) for i in picks[s:s + batch_size]))
+            for s in range(0, len(picks), batch_size)]
+
+
 @torch.no_grad()
 def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[StreamBatch],
-             independent_views: bool, device: torch.device) -> dict[str, float]:
-    """Teacher-forced validation: image-code loss and accuracy, reward balanced accuracy."""
+             independent_views: bool, device: torch.device, prefix: str = "val") -> dict[str, float]:
+    """Teacher-forced check: image-code loss and accuracy, reward balanced accuracy; keys start with `prefix`."""
     model.eval()
     image_loss_sum = image_correct = image_total = 0.0
     answers: list[tuple[bool, bool]] = []
@@ -217,9 +233,11 @@ def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[Str
         predicted = logits[reward][:, layout.yes_id] > logits[reward][:, layout.no_id]
         answers += list(zip((next_ids[reward] == layout.yes_id).tolist(), predicted.tolist(), strict=True))
     model.train()
-    return {"val_image_loss": image_loss_sum / image_total, "val_image_accuracy": image_correct / image_total,
-            "val_reward_balanced_accuracy": balanced_accuracy(answers),
-            "val_num_yes_labels": sum(label for label, _ in answers), "val_num_reward_labels": len(answers)}
+    return {f"{prefix}_image_loss": image_loss_sum / image_total,
+            f"{prefix}_image_accuracy": image_correct / image_total,
+            f"{prefix}_reward_balanced_accuracy": balanced_accuracy(answers),
+            f"{prefix}_num_yes_labels": sum(label for label, _ in answers),
+            f"{prefix}_num_reward_labels": len(answers)}
 
 
 def balanced_accuracy(pairs: Sequence[tuple[bool, bool]]) -> float:
@@ -286,15 +304,13 @@ def train(config: WorldModelTrainConfig) -> dict:
         raise WorldModelDataError(f"no training windows: episodes shorter than chunk_size={layout.chunk_size}")
     reward_weights = reward_class_weights(train_eps, train_windows, k, config.positive_fraction)
     positive_ids = np.flatnonzero(window_reward_counts(train_eps, train_windows, k)[:, 1] > 0)
-    val_rng = np.random.default_rng(config.seed + 1)
-    val_pick = val_rng.choice(len(val_windows), size=min(config.num_val_streams, len(val_windows)), replace=False)
-    # 'yes' is rare (final frames only): add every validation window that has one, or the balanced accuracy
-    # silently degenerates to the recall of 'no'.
-    positives = [i for i, w in enumerate(val_windows) if val_eps[w.episode_index].success[w.start + k * w.num_chunks]]
-    val_pick = np.concatenate([val_pick, [i for i in positives if i not in set(val_pick.tolist())]]).astype(int)
-    val_batches = [sample_batch(layout, val_eps, [val_windows[i] for i in val_pick[s:s + config.batch_size]],
-                                np.random.default_rng(0), len(val_pick[s:s + config.batch_size]))
-                   for s in range(0, len(val_pick), config.batch_size)]
+    val_positive_ids = np.flatnonzero(window_reward_counts(val_eps, val_windows, k)[:, 1] > 0)
+    val_batches = check_batches(layout, val_eps, val_windows, val_positive_ids, config.num_val_streams,
+                                np.random.default_rng(config.seed + 1), config.batch_size)
+    # The same check on training windows: a reward right here but wrong on held-out episodes was memorized.
+    train_check_batches = check_batches(layout, train_eps, train_windows, positive_ids, config.num_val_streams,
+                                        np.random.default_rng(config.seed + 2), config.batch_size,
+                                        max_positives=config.num_val_streams)
 
     torch.manual_seed(config.seed)
     llama_config = config.architecture.llama_config(layout)
@@ -359,6 +375,7 @@ def train(config: WorldModelTrainConfig) -> dict:
                "num_train_windows": len(train_windows), "reward_weights_no_yes": list(reward_weights),
                "independent_views": config.independent_views, "max_stream_len": layout.max_stream_len,
                **validate(model, layout, val_batches, config.independent_views, device),
+               **validate(model, layout, train_check_batches, config.independent_views, device, prefix="train"),
                "config": asdict(config)}
     save_checkpoint(out_dir, layout, model, Path(config.tokenizer_dir), getattr(torch, config.save_dtype))
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -395,11 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-dtype", default=defaults.save_dtype, choices=("float32", "bfloat16"))
     parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/train_state.pt")
     parser.add_argument("--stop-at-step", type=int, help="end this run early at this step; --resume continues")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch CPU threads (default: torch's choice); 1 leaves the other cores to others")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     architecture = WorldModelArchitecture(hidden_size=args.hidden_size, num_layers=args.num_layers,
                                           num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                                           intermediate_size=args.intermediate_size)

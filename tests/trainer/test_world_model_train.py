@@ -13,6 +13,8 @@ from trainer.train_world_model import (
     WorldModelArchitecture,
     WorldModelTrainConfig,
     balanced_accuracy,
+    build_parser,
+    check_batches,
     restricted_losses,
     sample_batch,
     train,
@@ -20,9 +22,12 @@ from trainer.train_world_model import (
 from trainer.world_model_data import (
     build_stream,
     collate_streams,
+    enumerate_windows,
     independent_view_mask,
+    load_token_cache,
     save_token_cache,
     tokenize_episode,
+    window_reward_counts,
 )
 
 TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(3, 4), stage_channels=(8, 8))
@@ -85,6 +90,13 @@ def test_train_writes_a_checkpoint_transformers_loads(prepared):
     assert records[-1]["loss"] < records[0]["loss"]
     assert (summary["num_train_episodes"], summary["num_val_episodes"]) == (9, 3)
     assert 0.0 <= summary["val_reward_balanced_accuracy"] <= 1.0
+    # Validation holds every window with a 'yes'; the training check 8 uniform windows + at most 8 positive ones.
+    episodes, _ = load_token_cache(prepared / "tokens.npz")
+    val_episodes = [episodes[i] for i in (3, 7, 11)]
+    val_counts = window_reward_counts(val_episodes, enumerate_windows(val_episodes, 8, 2), 8)
+    assert summary["val_num_yes_labels"] == val_counts[:, 1].sum() == 34
+    assert summary["train_num_yes_labels"] == 19
+    assert 0.0 <= summary["train_reward_balanced_accuracy"] <= 1.0
 
 
 def test_resume_reproduces_an_uninterrupted_run(prepared):
@@ -138,3 +150,35 @@ def test_init_from_starts_at_the_given_weights_and_checks_shapes(prepared):
     wider = WorldModelArchitecture(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
     with pytest.raises(ValueError, match=r"world_model: hidden_size=32 but this run has 64"):
         train(config_for(prepared, "wider", steps=1, architecture=wider, init_from=str(source)))
+
+
+def test_check_batches_hold_the_uniform_sample_and_the_capped_positives():
+    from trainer.world_model_data import TokenizedEpisode, Window
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0], ("head", "wrist"))
+    episode = TokenizedEpisode(episode.instruction, episode.codes, episode.actions, np.arange(17) >= 16)
+    windows = [Window(0, start, 1) for start in range(9)]  # only start 8 ends on the successful last frame
+
+    def answers(batches):  # 1 where the stream's reward answer is 'yes'
+        return [int(row[-1] == layout.yes_id) for b in batches for row in b.token_ids]
+
+    # seed 5 draws windows 6, 4, 0 (all 'no'); the positive window 8 is appended.
+    batches = check_batches(layout, [episode], windows, np.array([8]), 3, np.random.default_rng(5), 2)
+    assert [len(b.token_ids) for b in batches] == [2, 2]
+    assert answers(batches) == [0, 0, 0, 1]
+    # No uniform windows; three positives capped to two (seed 0 keeps windows 7 and 8, sorted).
+    capped = check_batches(layout, [episode], windows, np.array([6, 7, 8]), 0, np.random.default_rng(0), 8,
+                           max_positives=2)
+    assert [len(b.token_ids) for b in capped] == [2]
+    expected = [np.concatenate([layout.encode_instruction(episode.instruction),
+                                layout.encode_observation(episode.codes[start])]) for start in (7, 8)]
+    for row, prefix in zip(capped[0].token_ids.numpy(), expected, strict=True):
+        np.testing.assert_array_equal(row[:len(prefix)], prefix)
+
+
+def test_threads_option_is_a_positive_count():
+    args = build_parser().parse_args(["--tokenizer", "t", "--out", "o", "--threads", "1"])
+    assert args.threads == 1
+    assert build_parser().parse_args(["--tokenizer", "t", "--out", "o"]).threads is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--tokenizer", "t", "--out", "o", "--threads", "0"])
