@@ -47,10 +47,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-steps", type=int, default=3000)
     parser.add_argument("--world-model-steps", type=int, default=800)
     parser.add_argument("--world-model-batch-size", type=int, default=8)
+    parser.add_argument("--world-model-positive-fraction", type=float, default=0.0,
+                        help="share of each world-model batch drawn from windows with a 'yes' reward")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="then fine-tune the world model from its own weights this many steps (0: skip)")
+    parser.add_argument("--finetune-batch-size", type=int, default=8)
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--finetune-warmup-steps", type=int, default=20)
+    parser.add_argument("--finetune-positive-fraction", type=float, default=0.25)
+    parser.add_argument("--finetune-device", help="device of the fine-tune stage (default: --device)")
+    parser.add_argument("--finetune-threads", type=train_world_model.positive_int,
+                        help="torch CPU threads of the fine-tune stage")
     parser.add_argument("--ablation", action="store_true", help="also train and evaluate the no-IVD variant")
     parser.add_argument("--grid-png", help="real-vs-imagined grid of the default checkpoint")
     parser.add_argument("--eval-windows", type=int, default=256)
     return parser
+
+
+def world_model_argv(args: argparse.Namespace, tokenizer_dir: Path, tokens: Path) -> list[str]:
+    """train-world-model arguments shared by the default and its no-IVD ablation (same data, same budget)."""
+    return ["--tokenizer", str(tokenizer_dir), "--token-cache", str(tokens), "--device", args.device,
+            "--steps", str(args.world_model_steps), "--batch-size", str(args.world_model_batch_size),
+            "--positive-fraction", str(args.world_model_positive_fraction)]
+
+
+def finetune_argv(args: argparse.Namespace, tokenizer_dir: Path, tokens: Path) -> list[str] | None:
+    """train-world-model arguments of the fine-tune stage (starts from and overwrites --out), or None to skip.
+
+    Why a second stage: 'yes' labels are ~1% of windows (only an episode's final frame), so the reward answer
+    is learned last; a short run from the trained weights with oversampled positives and a lower learning
+    rate teaches it without retraining the image prediction.
+    """
+    if args.finetune_steps <= 0:
+        return None
+    return ["--tokenizer", str(tokenizer_dir), "--token-cache", str(tokens),
+            "--device", args.finetune_device or args.device, "--init-from", args.out, "--out", args.out,
+            "--work-dir", str(Path(args.work_dir) / "world_model_finetune_work"),
+            "--steps", str(args.finetune_steps), "--batch-size", str(args.finetune_batch_size),
+            "--lr", str(args.finetune_lr), "--warmup-steps", str(args.finetune_warmup_steps),
+            "--positive-fraction", str(args.finetune_positive_fraction),
+            *(["--threads", str(args.finetune_threads)] if args.finetune_threads else [])]
 
 
 def _run_stage(name: str, main, argv: list[str], log: dict) -> None:
@@ -85,8 +121,7 @@ def main(argv: list[str]) -> int:
                      list(range(len(episodes))))
     log["tokenize"] = {"seconds": round(time.perf_counter() - started, 1)}
 
-    common = ["--tokenizer", str(tokenizer_dir), "--token-cache", str(tokens), "--device", args.device,
-              "--steps", str(args.world_model_steps), "--batch-size", str(args.world_model_batch_size)]
+    common = world_model_argv(args, tokenizer_dir, tokens)
     ablation_ckpt = work / "independent_views"
     ablation = None
     if args.ablation:
@@ -97,6 +132,9 @@ def main(argv: list[str]) -> int:
         log["train-world-model-independent"] = {"argv": ablation_argv}
     _run_stage("train-world-model", train_world_model.main,
                [*common, "--out", args.out, "--work-dir", str(work / "world_model_work")], log)
+    finetune = finetune_argv(args, tokenizer_dir, tokens)
+    if finetune is not None:
+        _run_stage("finetune-world-model", train_world_model.main, finetune, log)
     eval_argv = ["--checkpoint", args.out, "--data", args.data, "--json", str(work / "eval_ivd.json"),
                  "--device", args.device, "--num-windows", str(args.eval_windows)]
     _run_stage("eval-world-model", eval_world_model.main,
