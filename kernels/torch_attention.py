@@ -46,7 +46,8 @@ def _plan_batches(q_lens: list[int]) -> list[tuple[list[int], int]]:
     """Groups of sequence ids that run as one padded batch, each with its padded query count.
 
     One batch when padding at most doubles the work; otherwise the short segments form one batch and
-    every long segment (a prefill chunk) runs alone.
+    the long segments (prefill chunks) run in batches of equal length, so the action chunks appended to
+    hundreds of branches in one step need no padding and no per-sequence call.
     """
     active = [seq for seq, q_len in enumerate(q_lens) if q_len > 0]
     if not active:
@@ -56,7 +57,11 @@ def _plan_batches(q_lens: list[int]) -> list[tuple[list[int], int]]:
         return [(active, max_q)]
     short = [seq for seq in active if q_lens[seq] <= SHORT_SEGMENT_MAX_QUERIES]
     batches = [(short, max(q_lens[seq] for seq in short))] if short else []
-    return batches + [([seq], q_lens[seq]) for seq in active if q_lens[seq] > SHORT_SEGMENT_MAX_QUERIES]
+    by_length: dict[int, list[int]] = {}
+    for seq in active:
+        if q_lens[seq] > SHORT_SEGMENT_MAX_QUERIES:
+            by_length.setdefault(q_lens[seq], []).append(seq)
+    return batches + [(seqs, q_len) for q_len, seqs in sorted(by_length.items())]
 
 
 class _Workspace(threading.local):

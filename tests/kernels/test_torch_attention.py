@@ -117,9 +117,11 @@ def test_torch_store_kv_matches_reference_and_skips_padding():
     assert not k_cache[~written].any() and not v_cache[~written].any()  # the padding token wrote nothing
 
 
-def test_batches_pad_short_segments_together_and_run_long_prefills_alone():
+def test_batches_pad_short_segments_together_and_batch_long_prefills_by_length():
     assert torch_attention._plan_batches([1, 1, 0, 2]) == [([0, 1, 3], 2)]
-    assert torch_attention._plan_batches([1, 40, 1, 3, 17]) == [([0, 2, 3], 3), ([1], 40), ([4], 17)]
+    assert torch_attention._plan_batches([1, 40, 1, 3, 17]) == [([0, 2, 3], 3), ([4], 17), ([1], 40)]
+    assert torch_attention._plan_batches([1, 35, 1, 35, 1, 1, 35, 20]) == [([0, 2, 4, 5], 1), ([7], 20),
+                                                                              ([1, 3, 6], 35)]
     assert torch_attention._plan_batches([0, 0]) == []
 
 
