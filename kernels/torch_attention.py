@@ -22,6 +22,9 @@ from .validation import check_attention_inputs, check_cascade_inputs, check_merg
 
 # Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
 SHORT_SEGMENT_MAX_QUERIES = 16
+# Sequences with at most this many queries (decode steps, a sampled token + its forced marker) read the
+# K/V in place when they own their blocks (kernels/torch_decode.py).
+IN_PLACE_MAX_QUERIES = 4
 # Bytes of gathered K/V + scores one padded batch may hold; bigger batches are cut into chunks of sequences.
 BATCH_MEMORY_BUDGET_BYTES = 256 * 2**20
 
@@ -167,11 +170,15 @@ def _attend_batch(
 
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv_heads, n, max_q * group, num_keys]
     scores.mul_(scale).masked_fill_(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [kv_heads, n, max_q * group]
-    # A row that saw no key has lse -inf; subtract 0 instead so its probabilities are exp(-inf) = 0.
-    probs = scores.sub_(torch.where(torch.isinf(lse), 0.0, lse)[..., None]).exp_()
+    row_max = scores.amax(dim=-1)  # [kv_heads, n, max_q * group]
+    # A row that saw no key has max -inf; subtract 0 instead so its probabilities are exp(-inf) = 0.
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
+    probs = scores.sub_(row_max[..., None]).exp_()  # unnormalised: one exp pass, no logsumexp
+    denominator = probs.sum(dim=-1)  # [kv_heads, n, max_q * group]
     values = _gather_keys(v_cache, blocks, "values")  # [kv_heads, n, num_keys, D]
     out = torch.matmul(probs, values)  # [kv_heads, n, max_q * group, D]
+    out /= denominator.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # rows without keys stay 0
+    lse = torch.where(denominator > 0, row_max + denominator.log(), float("-inf"))
 
     out = out.reshape(num_kv_heads, n, max_q, group, head_dim).permute(1, 2, 0, 3, 4).reshape(n, max_q, num_heads, -1)
     lse = lse.reshape(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)
@@ -206,12 +213,15 @@ def paged_attention_with_lse(
     k_heads_major, v_heads_major = heads_major_view(k_cache), heads_major_view(v_cache)
     for seq_list, max_q in _plan_batches(q_lens.tolist()):
         seq_ids = torch.tensor(seq_list, dtype=torch.long, device=query.device)
-        if max_q == 1 and k_heads_major is not None and v_heads_major is not None:
-            token_ids = q_starts[seq_ids]
-            decoded = decode_in_place(query[token_ids], k_heads_major, v_heads_major, block_tables[seq_ids],
-                                      seq_lens[seq_ids].long(), first_keys[seq_ids], scale)
+        if max_q <= IN_PLACE_MAX_QUERIES and k_heads_major is not None and v_heads_major is not None:
+            token_ids = (q_starts[seq_ids, None] + torch.arange(max_q, device=query.device)).clamp(
+                max=num_tokens - 1)  # [n, max_q]
+            decoded = decode_in_place(query[token_ids], q_lens[seq_ids], k_heads_major, v_heads_major,
+                                      block_tables[seq_ids], seq_lens[seq_ids].long(), first_keys[seq_ids], scale,
+                                      causal)
             if decoded is not None:
-                out[token_ids], lse[token_ids] = decoded
+                valid = torch.arange(max_q, device=query.device) < q_lens[seq_ids, None]  # [n, max_q]
+                out[token_ids[valid]], lse[token_ids[valid]] = decoded[0][valid], decoded[1][valid]
                 continue
         # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
         max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size

@@ -1,11 +1,12 @@
 """Decode attention on CPU that reads the paged K/V in place, without gathering it per sequence.
 
-In a decode step every sequence has one query and reads all of its keys, so attention is bound by how
+In a decode step every sequence has one query (or a few: a sampled token and the forced marker after
+it) and reads all of its keys, so attention is bound by how
 many bytes of K/V move. Gathering each sequence's blocks into a dense [kv_heads, n, keys, D] tensor
 before the matmul moves them three times (read, write, read again). Here the work is organised by block
 instead: with the cache laid out heads-major ([kv_heads, num_blocks, block_size, D] memory), the blocks
 of a contiguous range of block ids are already a batch of [block_size, D] matrices. Each block meets the
-query of the sequence that owns it (a small gather of queries, not keys), and the per-block partial
+queries of the sequence that owns it (a small gather of queries, not keys), and the per-block partial
 softmax results are reduced per sequence with scatter operations (the same log-sum-exp algebra as a
 split-KV kernel, with one split per block).
 
@@ -40,19 +41,23 @@ def _blocks_read(
 
 
 def decode_in_place(
-    queries: torch.Tensor,  # float32 [n, num_heads, head_dim], one query per sequence
+    queries: torch.Tensor,  # [n, max_q, num_heads, head_dim]: each sequence's queries, padded to max_q
+    q_lens: torch.Tensor,  # int64 [n], 1 <= q_len <= max_q
     k_heads_major: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim], contiguous
     v_heads_major: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim], contiguous
     block_tables: torch.Tensor,  # int32 [n, max_blocks]
-    seq_lens: torch.Tensor,  # int64 [n]: the query sits at seq_len - 1 and sees keys < seq_len
+    seq_lens: torch.Tensor,  # int64 [n]: the queries sit at the last q_len positions before seq_len
     first_keys: torch.Tensor,  # int64 [n]: first key position attended
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # out float32 [n, num_heads, head_dim], lse float32 [n, num_heads]
-    """Attention of one query per sequence over keys [first_key, seq_len), or None when the blocks read are
-    shared between sequences or too sparse in the cache for the in-place pass to pay."""
-    n, num_heads, head_dim = queries.shape
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # out float32 [n, max_q, H, D], lse float32 [n, max_q, H]
+    """Attention of a few queries per sequence over keys [first_key, seq_len) (and <= the query's position
+    when causal), or None when the blocks read are shared between sequences or too sparse in the cache
+    for the in-place pass to pay. Padding rows (past q_len) come back with lse -inf."""
+    n, max_q, num_heads, head_dim = queries.shape
     num_kv_heads, _, block_size, _ = k_heads_major.shape
     group = num_heads // num_kv_heads
+    rows = max_q * group  # (query, head of the kv group) pairs per sequence
     device = queries.device
     owners, block_ids, logical = _blocks_read(block_tables, seq_lens, first_keys, block_size)
     if block_ids.numel() == 0:
@@ -61,44 +66,52 @@ def decode_in_place(
     span = high - low
     if span > MAX_SPAN_PER_OWNED_BLOCK * block_ids.numel():
         return None
-    # owner[b] = the sequence reading block low + b; n (a zero query, no keys) for blocks nobody reads.
+    # owner[b] = the sequence reading block low + b; n (zero queries, no keys) for blocks nobody reads.
     owner = torch.full((span,), n, dtype=torch.long, device=device)
     owner[block_ids - low] = owners
     if int((owner < n).sum()) != block_ids.numel():
         return None  # some block is read by two sequences
-    key_begin = torch.zeros(span, dtype=torch.long, device=device)  # first allowed key offset in the block
-    key_end = torch.zeros(span, dtype=torch.long, device=device)  # one past the last allowed offset
-    block_start = logical * block_size
-    key_begin[block_ids - low] = (first_keys[owners] - block_start).clamp(min=0)
-    key_end[block_ids - low] = (seq_lens[owners] - block_start).clamp(max=block_size)
-    offsets = torch.arange(block_size, device=device)
-    masked = (offsets >= key_end[:, None]) | (offsets < key_begin[:, None])  # [span, block_size]
 
-    # [n, H, D] -> [kv_heads, n + 1, group, D], row n all zeros for the unread blocks
-    grouped = torch.zeros(num_kv_heads, n + 1, group, head_dim, dtype=torch.float32, device=device)
-    grouped[:, :n] = queries.float().view(n, num_kv_heads, group, head_dim).transpose(0, 1)
-    block_queries = grouped[:, owner]  # [kv_heads, span, group, D]
+    # Allowed key offsets of block b for row (query q, group head j): [key_begin[b], key_end[b, q]).
+    query_index = torch.arange(max_q, device=device)
+    key_end_of_query = seq_lens[:, None] - (q_lens[:, None] - 1 - query_index) * causal  # [n, max_q]
+    key_end_of_query = torch.where(query_index < q_lens[:, None], key_end_of_query, first_keys[:, None])
+    block_start = (logical * block_size)[:, None]  # [P, 1]
+    key_begin = torch.zeros(span, 1, dtype=torch.long, device=device)
+    key_end = torch.zeros(span, max_q, dtype=torch.long, device=device)
+    key_begin[block_ids - low] = (first_keys[owners, None] - block_start).clamp(min=0)
+    key_end[block_ids - low] = (key_end_of_query[owners] - block_start).clamp(max=block_size)
+    offsets = torch.arange(block_size, device=device)
+    masked = (offsets >= key_end[:, :, None]) | (offsets < key_begin[:, :, None])  # [span, max_q, block_size]
+    masked = masked[:, :, None, :].expand(span, max_q, group, block_size).reshape(span, rows, block_size)
+
+    # [n, max_q, H, D] -> [kv_heads, n + 1, rows, D], sequence n all zeros for the unread blocks
+    grouped = torch.zeros(num_kv_heads, n + 1, max_q, group, head_dim, dtype=torch.float32, device=device)
+    grouped[:, :n] = queries.float().view(n, max_q, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
+    block_queries = grouped.view(num_kv_heads, n + 1, rows, head_dim)[:, owner]  # [kv_heads, span, rows, D]
     # One batched matmul per kv head: k_heads_major[h, low:high] is a contiguous batch of [block_size, D]
     # tiles, where a single matmul over (head, block) would copy the whole range first.
-    scores = torch.empty(num_kv_heads, span, group, block_size, device=device)
+    scores = torch.empty(num_kv_heads, span, rows, block_size, device=device)
     for head in range(num_kv_heads):
         torch.bmm(block_queries[head], k_heads_major[head, low:high].float().transpose(1, 2), out=scores[head])
-    scores.mul_(scale).masked_fill_(masked[None, :, None, :], float("-inf"))
+    scores.mul_(scale).masked_fill_(masked, float("-inf"))
 
-    block_max = scores.amax(dim=3)  # [kv_heads, span, group]
-    seq_max = torch.full((num_kv_heads, n + 1, group), float("-inf"), device=device)
+    block_max = scores.amax(dim=3)  # [kv_heads, span, rows]
+    seq_max = torch.full((num_kv_heads, n + 1, rows), float("-inf"), device=device)
     seq_max.scatter_reduce_(1, owner[None, :, None].expand_as(block_max), block_max, reduce="amax")
-    seq_max = torch.where(torch.isinf(seq_max), 0.0, seq_max)  # a sequence with no keys: exp(-inf - 0) = 0
-    probs = scores.sub_(seq_max[:, owner, :, None]).exp_()  # [kv_heads, span, group, block_size], unnormalised
-    seq_sum = torch.zeros(num_kv_heads, n + 1, group, device=device)
+    seq_max = torch.where(torch.isinf(seq_max), 0.0, seq_max)  # a row with no keys: exp(-inf - 0) = 0
+    probs = scores.sub_(seq_max[:, owner, :, None]).exp_()  # [kv_heads, span, rows, block_size], unnormalised
+    seq_sum = torch.zeros(num_kv_heads, n + 1, rows, device=device)
     seq_sum.index_add_(1, owner, probs.sum(dim=3))
-    partial = torch.empty(num_kv_heads, span, group, head_dim, device=device)
+    partial = torch.empty(num_kv_heads, span, rows, head_dim, device=device)
     for head in range(num_kv_heads):
         torch.bmm(probs[head], v_heads_major[head, low:high].float(), out=partial[head])
-    weighted = torch.zeros(num_kv_heads, n + 1, group, head_dim, device=device)
+    weighted = torch.zeros(num_kv_heads, n + 1, rows, head_dim, device=device)
     weighted.index_add_(1, owner, partial)
 
     seq_sum, weighted, seq_max = seq_sum[:, :n], weighted[:, :n], seq_max[:, :n]
     out = weighted / seq_sum.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # 0 where no keys
     lse = torch.where(seq_sum > 0, seq_max + seq_sum.log(), float("-inf"))
-    return out.transpose(0, 1).reshape(n, num_heads, head_dim), lse.transpose(0, 1).reshape(n, num_heads)
+    out = out.view(num_kv_heads, n, max_q, group, head_dim).permute(1, 2, 0, 3, 4).reshape(n, max_q, num_heads,
+                                                                                          head_dim)
+    return out, lse.view(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)

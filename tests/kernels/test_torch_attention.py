@@ -135,27 +135,41 @@ def test_a_batch_cut_into_one_sequence_chunks_gives_the_same_answer(monkeypatch)
                                **TOLERANCES[torch.float32])
 
 
-def decode_args(batch, kv_start: list[int] | None = None) -> tuple:
+def decode_args(batch, kv_start: list[int] | None = None, causal: bool = True) -> tuple:
+    """decode_in_place's arguments for a batch: queries padded to the longest segment, heads-major caches."""
     n = batch.block_tables.shape[0]
+    q_starts = batch.query_start_loc[:-1].long()
+    q_lens = batch.query_start_loc[1:].long() - q_starts
+    token_ids = (q_starts[:, None] + torch.arange(int(q_lens.max()))).clamp(max=batch.query.shape[0] - 1)
     first_keys = torch.zeros(n, dtype=torch.long) if kv_start is None else torch.tensor(kv_start)
-    return (batch.query, heads_major(batch.k_cache).permute(2, 0, 1, 3), heads_major(batch.v_cache).permute(2, 0, 1, 3),
-            batch.block_tables, batch.seq_lens.long(), first_keys, batch.scale)
+    return (batch.query[token_ids], q_lens, heads_major(batch.k_cache).permute(2, 0, 1, 3),
+            heads_major(batch.v_cache).permute(2, 0, 1, 3), batch.block_tables, batch.seq_lens.long(), first_keys,
+            batch.scale, causal)
+
+
+def valid_rows(batch, padded: torch.Tensor) -> torch.Tensor:
+    q_lens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
+    return padded[torch.arange(padded.shape[1])[None, :] < q_lens[:, None]]
 
 
 @pytest.mark.parametrize("kv_start", [None, [0, 5, 0, 16, 33]])
-def test_decode_in_place_matches_reference_out_and_lse(kv_start):
-    """One query per sequence, private blocks: the in-place pass runs (no fallback) and is exact; a kv_start
-    mid-block masks the block's first keys, one past the end leaves the sequence empty (0, -inf)."""
-    batch = make_batch([independent((1, 1), (7, 1), (16, 1), (33, 1), (30, 1))], block_size=4, num_kv_heads=2,
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_in_place_matches_reference_out_and_lse(kv_start, causal):
+    """A few queries per sequence, private blocks: the in-place pass runs (no fallback) and is exact; a
+    kv_start mid-block masks the block's first keys, one past the end leaves the sequence empty (0, -inf)."""
+    batch = make_batch([independent((1, 1), (7, 2), (16, 1), (33, 3), (30, 1))], block_size=4, num_kv_heads=2,
                        group_size=3, head_dim=8, seed=4, spare_blocks=0)
     start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
-    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args(), kv_start=start)
-    decoded = torch_decode.decode_in_place(*decode_args(batch, kv_start))
+    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args(), kv_start=start,
+                                                                    causal=causal)
+    decoded = torch_decode.decode_in_place(*decode_args(batch, kv_start, causal))
     assert decoded is not None
-    torch.testing.assert_close(decoded[0], expected_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(decoded[1], expected_lse, atol=2e-5, rtol=2e-5)
+    out, lse = valid_rows(batch, decoded[0]), valid_rows(batch, decoded[1])
+    torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
+    assert decoded[1][0, 1:].tolist() == [[float("-inf")] * 6] * 2  # padding rows of the one-query sequence
     if kv_start is not None:
-        assert torch.equal(decoded[0][4], torch.zeros(6, 8)) and decoded[1][4].tolist() == [float("-inf")] * 6
+        assert torch.equal(out[7], torch.zeros(6, 8)) and lse[7].tolist() == [float("-inf")] * 6  # sequence 4
 
 
 def test_decode_in_place_declines_shared_and_sparse_blocks():
@@ -164,7 +178,7 @@ def test_decode_in_place_declines_shared_and_sparse_blocks():
     args = list(decode_args(batch))
 
     def run(tables: list[list[int]], seq_lens: list[int], first_keys: list[int]):
-        args[3:6] = torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens), torch.tensor(first_keys)
+        args[4:7] = torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens), torch.tensor(first_keys)
         return torch_decode.decode_in_place(*args)
 
     assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [0, 0]) is None  # both read the shared blocks 1 and 2
