@@ -41,8 +41,13 @@ def store_kv(
     block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache[slots // block_size, slots % block_size] = key[valid]
-    v_cache[slots // block_size, slots % block_size] = value[valid]
+    for cache, rows in ((k_cache, key[valid]), (v_cache, value[valid])):
+        heads_major = heads_major_view(cache)
+        if heads_major is None:
+            cache[slots // block_size, slots % block_size] = rows
+        else:  # [kv_heads, num_blocks * block_size, D]: one row copy per (head, token)
+            heads_major.view(heads_major.shape[0], -1, heads_major.shape[-1]).index_copy_(1, slots,
+                                                                                        rows.transpose(0, 1))
 
 
 def _plan_batches(q_lens: list[int]) -> list[tuple[list[int], int]]:

@@ -72,18 +72,21 @@ def decode_in_place(
     if int((owner < n).sum()) != block_ids.numel():
         return None  # some block is read by two sequences
 
-    # Allowed key offsets of block b for row (query q, group head j): [key_begin[b], key_end[b, q]).
+    # Allowed key offsets of the block of pair p for its sequence's query q: [key_begin[p], key_end[p, q]).
+    # Only the pairs where that is not the whole block (a sequence's first and last blocks) are masked; the
+    # blocks nobody reads meet all-zero queries of the discarded sequence n and need no mask either.
     query_index = torch.arange(max_q, device=device)
+    valid_query = query_index < q_lens[:, None]  # [n, max_q]
     key_end_of_query = seq_lens[:, None] - (q_lens[:, None] - 1 - query_index) * causal  # [n, max_q]
-    key_end_of_query = torch.where(query_index < q_lens[:, None], key_end_of_query, first_keys[:, None])
     block_start = (logical * block_size)[:, None]  # [P, 1]
-    key_begin = torch.zeros(span, 1, dtype=torch.long, device=device)
-    key_end = torch.zeros(span, max_q, dtype=torch.long, device=device)
-    key_begin[block_ids - low] = (first_keys[owners, None] - block_start).clamp(min=0)
-    key_end[block_ids - low] = (key_end_of_query[owners] - block_start).clamp(max=block_size)
+    key_begin = first_keys[owners, None] - block_start  # [P, 1]
+    key_end = torch.where(valid_query[owners], key_end_of_query[owners] - block_start, block_size)  # [P, max_q]
+    boundary = torch.nonzero((key_begin[:, 0] > 0) | (key_end < block_size).any(dim=1)).squeeze(1)
     offsets = torch.arange(block_size, device=device)
-    masked = (offsets >= key_end[:, :, None]) | (offsets < key_begin[:, :, None])  # [span, max_q, block_size]
-    masked = masked[:, :, None, :].expand(span, max_q, group, block_size).reshape(span, rows, block_size)
+    boundary_masked = ((offsets >= key_end[boundary, :, None]) | (offsets < key_begin[boundary, :, None]))
+    boundary_masked = boundary_masked[:, :, None, :].expand(-1, max_q, group, block_size).reshape(-1, rows,
+                                                                                                   block_size)
+    boundary_blocks = block_ids[boundary] - low
 
     # [n, max_q, H, D] -> [kv_heads, n + 1, rows, D], sequence n all zeros for the unread blocks
     grouped = torch.zeros(num_kv_heads, n + 1, max_q, group, head_dim, dtype=torch.float32, device=device)
@@ -94,7 +97,8 @@ def decode_in_place(
     scores = torch.empty(num_kv_heads, span, rows, block_size, device=device)
     for head in range(num_kv_heads):
         torch.bmm(block_queries[head], k_heads_major[head, low:high].float().transpose(1, 2), out=scores[head])
-    scores.mul_(scale).masked_fill_(masked, float("-inf"))
+    scores.mul_(scale)
+    scores[:, boundary_blocks] = scores[:, boundary_blocks].masked_fill_(boundary_masked, float("-inf"))
 
     block_max = scores.amax(dim=3)  # [kv_heads, span, rows]
     seq_max = torch.full((num_kv_heads, n + 1, rows), float("-inf"), device=device)
@@ -114,4 +118,7 @@ def decode_in_place(
     lse = torch.where(seq_sum > 0, seq_max + seq_sum.log(), float("-inf"))
     out = out.view(num_kv_heads, n, max_q, group, head_dim).permute(1, 2, 0, 3, 4).reshape(n, max_q, num_heads,
                                                                                           head_dim)
-    return out, lse.view(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)
+    lse = lse.view(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)
+    out[~valid_query] = 0.0  # padding rows saw every key unmasked: report them empty
+    lse[~valid_query] = float("-inf")
+    return out, lse

@@ -102,10 +102,12 @@ def test_merge_of_two_empty_states_is_zero_with_lse_minus_inf():
         assert torch.equal(merged, out) and torch.equal(lse, torch.zeros(2, 1))
 
 
-def test_torch_store_kv_matches_reference_and_skips_padding():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_store_kv_matches_reference_and_skips_padding(layout):
     key = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)
     slots = torch.tensor([5, -1, 0, 11], dtype=torch.int64)
-    caches = {impl: (torch.zeros(3, 4, 2, 3), torch.zeros(3, 4, 2, 3)) for impl in ("ref", "torch")}
+    caches = {impl: (LAYOUTS[layout](torch.zeros(3, 4, 2, 3)), LAYOUTS[layout](torch.zeros(3, 4, 2, 3)))
+              for impl in ("ref", "torch")}
     reference.store_kv(key, -key, *caches["ref"], slots)
     torch_attention.store_kv(key, -key, *caches["torch"], slots)
     k_cache, v_cache = caches["torch"]
