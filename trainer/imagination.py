@@ -1,7 +1,8 @@
 """Branched chunk rollouts of the policy in the served world model (PAPER.md step 3a-3b).
 
 From each real start state: CreateStates once, then G branches that each roll the policy forward n
-chunks through Imagine. A branch's reward after a chunk is the model's success judgement; success
+chunks through Imagine (past the model's window of max_chunks_per_branch chunks, from a new state made of
+the last imagined observation). A branch's reward after a chunk is the model's success judgement; success
 latches `done`, so a finished branch is not rolled further. All but the last chunk keep their state;
 every created or kept state is released before returning, also when something fails.
 """
@@ -88,10 +89,13 @@ class Imaginer:
     def rollout(self, policy: VlaPolicy, starts: Sequence[StartState], branches_per_state: int, horizon_chunks: int,
                 generator: torch.Generator, seed_base: int, world_model_temperature: float = 1.0,
                 reward_threshold: float = 0.5, policy_temperature: float = 1.0) -> ImaginedRollouts:
-        """Rolls G = branches_per_state branches per start state for n = horizon_chunks chunks."""
-        if horizon_chunks > self.info.max_chunks_per_branch:
-            raise ValueError(f"horizon_chunks={horizon_chunks} exceeds the server's max_chunks_per_branch="
-                             f"{self.info.max_chunks_per_branch}")
+        """Rolls G = branches_per_state branches per start state for n = horizon_chunks chunks.
+
+        A branch longer than the model's window (max_chunks_per_branch) continues from a new state created
+        from its last imagined observation: the model then conditions on that observation alone, as at a
+        real start state, instead of on a stream longer than it was trained on."""
+        if horizon_chunks < 1:
+            raise ValueError(f"horizon_chunks must be >= 1, got {horizon_chunks}")
         owned: list[str] = []  # every state this rollout created or kept, released in `finally`
         try:
             state_ids = self._create_states(starts)
@@ -102,14 +106,18 @@ class Imaginer:
             for s in range(0, len(owned), max(1, self.info.max_states_per_request)):
                 self.client.release(owned[s: s + self.info.max_states_per_request])
 
-    def _create_states(self, starts: Sequence[StartState]) -> list[str]:
+    def _create_states(self, starts: Sequence[StartState], owned: list[str] | None = None) -> list[str]:
+        """CreateStates in slices of the server's limit; with `owned`, each slice's ids join it as they come."""
         ids: list[str] = []
         step = max(1, self.info.max_states_per_request)
         for s in range(0, len(starts), step):
             part = starts[s: s + step]
-            ids += self.client.create_states([x.instruction for x in part],
-                                             [{"head": x.head, "wrist": x.wrist} for x in part],
-                                             timeout=self.imagine_timeout)
+            created = self.client.create_states([x.instruction for x in part],
+                                                [{"head": x.head, "wrist": x.wrist} for x in part],
+                                                timeout=self.imagine_timeout)
+            ids += created
+            if owned is not None:
+                owned += created
         return ids
 
     def _roll(self, policy: VlaPolicy, starts: Sequence[StartState], state_ids: list[str], g: int, n: int,
@@ -128,7 +136,12 @@ class Imaginer:
         terminated = torch.zeros((b, n), dtype=torch.bool)
         valid = torch.zeros((b, n), dtype=torch.bool)
         active = np.arange(b)
+        window = self.info.max_chunks_per_branch
         for c in range(n):
+            if c and c % window == 0:  # the model's window is full: continue from the imagined observation
+                restarts = [StartState(instructions[i], head[i], wrist[i]) for i in active]
+                for i, state_id in zip(active, self._create_states(restarts, owned), strict=True):
+                    current[i] = state_id
             actions, chunk_bins, chunk_logp, chunk_values = _policy_step(
                 policy, head[active], wrist[active], [instructions[i] for i in active], generator, policy_temperature)
             rows = torch.from_numpy(active)
@@ -136,7 +149,8 @@ class Imaginer:
             bins[rows, c], log_probs[rows, c], values[rows, c] = chunk_bins, chunk_logp, chunk_values
             valid[rows, c] = True
             seeds = [seed_base + int(i) * n + c for i in active]
-            results = self._imagine([current[i] for i in active], actions.numpy(), seeds, keep=c < n - 1,
+            keep = c < n - 1 and (c + 1) % window != 0  # no state is needed past the window's last chunk
+            results = self._imagine([current[i] for i in active], actions.numpy(), seeds, keep=keep,
                                     temperature=wm_temperature, owned=owned)
             still_active = []
             for row, i in enumerate(active):

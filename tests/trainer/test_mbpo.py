@@ -10,10 +10,10 @@ from engine.checkpoint import layout_for_tokenizer, write_random_checkpoint
 from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from trainer.config import MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import DatasetMeta, Episode, EpisodeWriter
-from trainer.imagination import ImaginedRollouts
+from trainer.imagination import ImaginedRollouts, Imaginer
 from trainer.mbpo import MBPOTrainer, StartStateSampler, main, rollouts_to_batch
 from trainer.policy import VlaPolicy, load_policy, save_policy
-from trainer.rollout_client import WorldModelClient
+from trainer.rollout_client import RolloutServerError, WorldModelClient
 from trainer.server_process import ServerProcess
 
 TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(4, 4), stage_channels=(32, 32))  # 16 tokens per view
@@ -109,6 +109,30 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
                           tmp_path / "run", config, ppo)
     assert resumed.resume() and resumed.iteration == 2
     assert all(torch.equal(v, final.state_dict()[k]) for k, v in resumed.policy.state_dict().items())
+
+
+def test_branches_longer_than_the_model_window_continue_from_their_imagined_observation(server, buffer_dir):
+    """n = 4 chunks on a model whose window is 3: chunk 3 starts from a state made of the chunk-2 prediction."""
+    policy = VlaPolicy(TINY)
+    starts = StartStateSampler(buffer_dir).sample(3, np.random.default_rng(1))
+    with WorldModelClient(server.target) as client:
+        imaginer = Imaginer(client)
+        assert imaginer.info.max_chunks_per_branch == 3
+        held = client.create_states([starts[0].instruction], [{"head": starts[0].head, "wrist": starts[0].wrist}])
+        try:
+            with pytest.raises(RolloutServerError, match="max_chunks_per_branch"):  # one stream refuses chunk 4
+                for _ in range(4):
+                    (result,) = client.imagine(held[-1:], np.zeros((1, 2, 4)), seeds=[0], keep_state=True)
+                    held.append(result.state_id)
+            assert len(held) == 4  # the start state and three chunks
+        finally:
+            client.release(held)
+        rollouts = imaginer.rollout(policy, starts, branches_per_state=2, horizon_chunks=4,
+                                    generator=torch.Generator().manual_seed(0), seed_base=0, reward_threshold=1.1)
+        stats = client.stats()
+    assert rollouts.valid.shape == (6, 4) and bool(rollouts.valid.all())  # never judged done: all 4 chunks ran
+    assert rollouts.head.shape == (6, 4, 16, 16, 3)
+    assert stats.live_states == 0 and stats.kv_blocks_used == 0
 
 
 def test_train_cli_refuses_to_overwrite_and_resumes(server, buffer_dir, tmp_path, capsys):
