@@ -53,7 +53,7 @@ def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int, dt
 
     heads_major lays the memory out as [layers, K/V, kv_heads, num_blocks, block_size, head_dim] and returns the
     permuted view: the shape every kernel expects, with each (kv head, block) tile contiguous, which lets the
-    CPU attention gather whole tiles per sequence. The Triton kernels want the contiguous NHD layout.
+    CPU attention read tiles in place (kernels/torch_decode.py). The Triton kernels want the contiguous NHD layout.
     """
     shape = (config.num_hidden_layers, 2, config.num_key_value_heads, num_blocks, block_size, config.head_dim)
     if not heads_major:
