@@ -3,10 +3,10 @@
 In a decode step every sequence has one query (or a few: a sampled token and the forced marker after it)
 and reads all of its keys, so attention is bound by how many bytes of K/V move. Gathering each
 sequence's blocks into a dense [kv_heads, n, keys, D] tensor before the matmul moves them three times
-(read, write, read again). Here the work is organised by block instead: with the cache laid out heads-
-major ([kv_heads, num_blocks, block_size, D] memory), the blocks of a contiguous range of block ids are
-already a batch of [block_size, D] matrices. Each block meets the queries of the sequence that owns it
-(a small gather of queries, not keys), and the per-block partial softmax results are reduced per
+(read, write, read again). Here the work is organised by block instead: with the cache laid out
+heads-major ([kv_heads, num_blocks, block_size, D] memory), the blocks of a contiguous range of block
+ids are already a batch of [block_size, D] matrices. Each block meets the queries of the sequence that
+owns it (a small gather of queries, not keys), and the per-block partial softmax results are reduced per
 sequence with scatter operations (the same log-sum-exp algebra as a split-KV kernel, with one split per
 block).
 
