@@ -87,7 +87,9 @@ class _Workspace(threading.local):
         key = (name, dtype, device)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor even when allocated in inference mode: those may be written in and out of it.
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=dtype, device=device)
             self.buffers[key] = buffer
         return buffer[:numel]
 

@@ -186,3 +186,13 @@ def test_decode_in_place_declines_shared_and_sparse_blocks():
     assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [0, 0]) is None  # both read the shared blocks 1 and 2
     assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [8, 8]) is not None  # the private suffixes only: blocks 3, 4
     assert run([[0, 0, 0], [41, 0, 0]], [4, 4], [0, 0]) is None  # 2 blocks read, 42 ids spanned
+
+
+def test_gather_buffers_serve_calls_in_and_out_of_inference_mode():
+    """The engine runs in inference mode, tests and trainers outside it: the reused buffers serve both."""
+    batch = make_batch([independent((12, 12), (11, 11))], block_size=4, num_kv_heads=1, group_size=2, head_dim=8)
+    batch.k_cache, batch.v_cache = heads_major(batch.k_cache), heads_major(batch.v_cache)
+    torch_attention._workspace.buffers.clear()  # the first gather allocates inside inference mode
+    with torch.inference_mode():
+        inside = torch_attention.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(torch_attention.paged_attention(*batch.attention_args()), inside, atol=0, rtol=0)
