@@ -6,6 +6,8 @@ Stages, each the project's own command with the arguments shown in `<work-dir>/c
   3. tokenize every episode once into <work-dir>/tokens.npz (shared by both world models)
   4. train-world-model (IVD, the served default) and, with --ablation, the no-IVD variant at the same budget,
      run side by side (a second process) since neither fills a GPU
+     then, with --finetune-steps N, fine-tune the default from its own weights (oversampled 'yes' windows, lower
+     lr; the paper fine-tunes the world model on each refill's data this way)
   5. eval-world-model on held-out episodes -> <work-dir>/eval_ivd.json (+ eval_independent.json) and the grid
 
 The shipped checkpoints/default was produced by this command on one H100 (the recording made by
