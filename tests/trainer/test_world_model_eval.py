@@ -9,7 +9,14 @@ from world_model_fixtures import synthetic_episodes
 
 from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from engine.layout import TokenLayout
-from trainer.eval_world_model import EvalConfig, GreedyImaginer, evaluate, select_windows, window_arrays
+from trainer.eval_world_model import (
+    EvalConfig,
+    GreedyImaginer,
+    build_parser,
+    evaluate,
+    select_windows,
+    window_arrays,
+)
 from trainer.train_world_model import WorldModelArchitecture, WorldModelTrainConfig, train
 from trainer.world_model_data import independent_view_mask, save_token_cache, tokenize_episode
 
@@ -106,3 +113,11 @@ def test_evaluate_writes_report_and_grid(checkpoint, tmp_path):
     grid = __import__("matplotlib.image").image.imread(tmp_path / "grid.png")
     # 3 examples x 4 rows of 16 px + 2 rules of 2 px, x 3 columns, scaled 2x
     assert grid.shape[:2] == ((3 * 4 * 16 + 2 * 2) * 2, 3 * 16 * 2)
+
+
+def test_threads_option_is_a_positive_count():
+    required = ["--checkpoint", "c", "--data", "d"]
+    assert build_parser().parse_args([*required, "--threads", "1"]).threads == 1
+    assert build_parser().parse_args(required).threads is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--threads", "-2"])
