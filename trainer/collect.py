@@ -2,6 +2,15 @@
 
 Each worker process owns one env and one expert; episode i uses env seed `seed + i`, so a recording is
 reproducible whatever the number of workers. Episodes are written in index order as they finish.
+
+A successful episode is filmed on for `post_success_steps` control steps after its first success, the
+expert holding the completed task (success stays latched in every later frame). The env's own episode
+ends at the first success, which leaves one `<yes>` frame per successful episode for the world model's
+reward head, next to near-identical `<no>` frames just before it: a label that no model generalises on
+(checkpoints/default_build/reward_diagnosis.json). With the default of two chunks (16 steps at k = 8)
+"done" is a visible state: the last chunk of every window that reaches it is a `<yes>`, and windows
+starting after success have only `<yes>` chunks. Everything before the first success, and whether an
+episode succeeds within `max_steps`, is identical to a recording with `post_success_steps=0`.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from trainer.data import MANIFEST_NAME, DatasetMeta, Episode, EpisodeWriter, rea
 
 # The expert's random stream is derived from the episode seed but kept apart from the env's.
 EXPERT_SEED_STREAM = 1
+# Two chunks of the default chunk size: every world-model window that reaches success ends on `<yes>` chunks.
+DEFAULT_POST_SUCCESS_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class CollectConfig:
     image_size: int = 64
     max_steps: int = 96
     workers: int = 2
+    post_success_steps: int = DEFAULT_POST_SUCCESS_STEPS
 
     def __post_init__(self) -> None:
         if self.num_episodes < 1:
@@ -42,22 +54,42 @@ class CollectConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.post_success_steps < 0:
+            raise ValueError(f"post-success-steps must be >= 0, got {self.post_success_steps}")
 
 
-def record_episode(env, expert, seed: int) -> Episode:
-    """Run the expert for one episode from `env.reset(seed=seed)` and return every frame and action."""
+def record_episode(env, expert, seed: int, max_steps: int | None = None, post_success_steps: int = 0) -> Episode:
+    """Run the expert for one episode from `env.reset(seed=seed)` and return every frame and action.
+
+    The recording ends `post_success_steps` steps after the first success, or after `max_steps` steps
+    (default: the env's) without success. With post_success_steps > 0 the env must run on after success
+    (terminate_on_success=False) and allow max_steps + post_success_steps steps.
+    """
+    limit = env.config.max_steps if max_steps is None else max_steps
+    if post_success_steps < 0:
+        raise ValueError(f"post_success_steps must be >= 0, got {post_success_steps}")
+    if post_success_steps > 0 and env.config.terminate_on_success:
+        raise ValueError("post_success_steps > 0 needs an env built with terminate_on_success=False")
+    if limit + post_success_steps > env.config.max_steps:
+        raise ValueError(f"the env truncates at max_steps={env.config.max_steps}, before max_steps={limit} plus "
+                         f"post_success_steps={post_success_steps}")
     obs, info = env.reset(seed=seed)
     frames = {view: [obs[view]] for view in ("head", "wrist")}
     actions, success = [], [bool(info["success"])]
-    done = False
-    while not done:
+    first_success = 0 if success[0] else None  # actions taken when success first latched
+    while True:
         action = expert.act(obs)
         obs, _, terminated, truncated, info = env.step(action)
         for view in frames:
             frames[view].append(obs[view])
         actions.append(action)
         success.append(bool(info["success"]))
-        done = terminated or truncated
+        if first_success is None and success[-1]:
+            first_success = len(actions)
+        if first_success is not None and len(actions) - first_success >= post_success_steps:
+            break
+        if (first_success is None and len(actions) >= limit) or terminated or truncated:
+            break
     return Episode(
         head=np.stack(frames["head"]),  # [T+1, H, W, 3]
         wrist=np.stack(frames["wrist"]),  # [T+1, H, W, 3]
@@ -78,7 +110,10 @@ def _init_worker(config: CollectConfig) -> None:
     global _worker_env, _worker_config
     from trainer.envs import make_env  # imports mujoco: MUJOCO_GL is already in this process's environment
 
-    _worker_env = make_env(config.task, image_size=config.image_size, max_steps=config.max_steps)
+    # The env runs on after success only when post-success frames are wanted; it never truncates them.
+    _worker_env = make_env(config.task, image_size=config.image_size,
+                           max_steps=config.max_steps + config.post_success_steps,
+                           terminate_on_success=config.post_success_steps == 0)
     _worker_config = config
 
 
@@ -86,7 +121,7 @@ def _record_in_worker(seed: int) -> Episode:
     from trainer.envs.expert import ScriptedExpert
 
     expert = ScriptedExpert(_worker_env, _worker_config.skill, seed=np.random.SeedSequence([seed, EXPERT_SEED_STREAM]))
-    return record_episode(_worker_env, expert, seed)
+    return record_episode(_worker_env, expert, seed, _worker_config.max_steps, _worker_config.post_success_steps)
 
 
 def collect(config: CollectConfig, out_dir: str | os.PathLike, append: bool = False, progress: bool = True) -> dict:
@@ -131,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one env each")
     parser.add_argument("--image-size", type=int, default=64, help="camera image height and width in pixels")
     parser.add_argument("--max-steps", type=int, default=96, help="control steps before an episode is truncated")
+    parser.add_argument("--post-success-steps", type=int, default=DEFAULT_POST_SUCCESS_STEPS,
+                        help="control steps recorded after the first success, the expert holding the completed "
+                             "task (0: stop at the first success, as the env does); default: two chunks")
     parser.add_argument("--append", action="store_true", help="add episodes to an existing dataset in --out")
     return parser
 
@@ -144,7 +182,7 @@ def main(argv: list[str]) -> int:
     try:
         EnvConfig(args.task, args.image_size, args.image_size, args.max_steps)  # fail before starting workers
         config = CollectConfig(args.task, args.episodes, args.skill, args.seed, args.image_size, args.max_steps,
-                               args.workers)
+                               args.workers, args.post_success_steps)
         counts = collect(config, args.out, append=args.append)
     except (ValueError, FileExistsError) as e:
         print(f"vla-mbpo collect: error: {e}", file=sys.stderr)

@@ -29,33 +29,57 @@ class EpisodeOutcome:
     env_id: str
     seed: int
     success: bool
-    env_steps: int
-    episode: Episode | None = None  # every frame and action, when recorded
+    env_steps: int  # steps until the outcome was decided: the first success, or truncation at max_steps
+    episode: Episode | None = None  # every frame and action, when recorded (post-success frames included)
 
 
 class EpisodeRecorder:
-    """Steps a chunk one action at a time and keeps every frame, for the replay buffer."""
+    """Steps a chunk one action at a time and keeps every frame, for the replay buffer.
 
-    def __init__(self, obs: dict[str, np.ndarray], instruction: str, task: str, seed: int) -> None:
+    The recording ends `post_success_steps` steps after the first success (the env must then run on after
+    success: terminate_on_success=False), or after `max_steps` steps without success.
+    """
+
+    def __init__(self, obs: dict[str, np.ndarray], instruction: str, task: str, seed: int, max_steps: int,
+                 post_success_steps: int = 0) -> None:
+        if post_success_steps < 0:
+            raise ValueError(f"post_success_steps must be >= 0, got {post_success_steps}")
         self.frames = {view: [obs[view]] for view in VIEWS}
         self.actions: list[np.ndarray] = []
         self.success = [False]
         self.instruction, self.task, self.seed = instruction, task, seed
+        self.max_steps, self.post_success_steps = max_steps, post_success_steps
+        self.success_step: int | None = None  # actions taken when success first latched
+        self._env_over = False
 
-    def step_chunk(self, env, actions: np.ndarray) -> tuple[dict, bool, bool, dict]:
-        terminated = truncated = False
-        taken = 0
+    @property
+    def done(self) -> bool:
+        if self._env_over:
+            return True
+        if self.success_step is not None:
+            return len(self.actions) - self.success_step >= self.post_success_steps
+        return len(self.actions) >= self.max_steps
+
+    @property
+    def outcome_steps(self) -> int:
+        """Steps until the episode's outcome was decided (post-success steps excluded)."""
+        return len(self.actions) if self.success_step is None else self.success_step
+
+    def step_chunk(self, env, actions: np.ndarray) -> tuple[dict, dict]:
+        """Steps the rows of `actions` [k, 4] until the chunk or the recording ends; returns (obs, info)."""
+        obs, info = None, {}
         for action in actions:
+            if self.done:
+                break
             obs, _, terminated, truncated, info = env.step(action)
-            taken += 1
             for view in VIEWS:
                 self.frames[view].append(obs[view])
             self.actions.append(np.asarray(action, dtype=np.float32))
             self.success.append(bool(info["success"]))
-            if terminated or truncated:
-                break
-        info["num_steps_taken"] = taken
-        return obs, terminated, truncated, info
+            if self.success_step is None and info["success"]:
+                self.success_step = len(self.actions)
+            self._env_over = terminated or truncated
+        return obs, info
 
     def finish(self) -> Episode:
         return Episode(head=np.stack(self.frames["head"]), wrist=np.stack(self.frames["wrist"]),
@@ -84,17 +108,24 @@ def family_name(env_id: str) -> str:
 
 
 def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool, group_size: int, max_steps: int,
-                 generator: torch.Generator | None = None, record: bool = False) -> list[EpisodeOutcome]:
+                 generator: torch.Generator | None = None, record: bool = False,
+                 post_success_steps: int = 0) -> list[EpisodeOutcome]:
     """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls.
 
     With `record`, every control step's frames are kept and each outcome carries its Episode (the replay
-    buffer format); otherwise only the observation after each chunk is rendered.
+    buffer format), filmed on for `post_success_steps` steps after a success with the policy still acting;
+    otherwise only the observation after each chunk is rendered. Success and `env_steps` are decided at
+    the first success (or at max_steps) either way, so recording never changes an evaluation.
     """
     import gymnasium as gym
 
     import trainer.envs  # noqa: F401  (registers the gymnasium ids)
 
-    envs = [gym.make(env_id, max_steps=max_steps).unwrapped for _ in range(min(group_size, len(seeds)))]
+    if post_success_steps < 0:
+        raise ValueError(f"post_success_steps must be >= 0, got {post_success_steps}")
+    run_on = record and post_success_steps > 0  # the env must not end the episode at its first success
+    envs = [gym.make(env_id, max_steps=max_steps + (post_success_steps if run_on else 0),
+                     terminate_on_success=not run_on).unwrapped for _ in range(min(group_size, len(seeds)))]
     chunk = policy.config.chunk_size
     outcomes: list[EpisodeOutcome] = []
     try:
@@ -103,7 +134,8 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
             observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, group, strict=False)]
             steps = [0] * len(group)
             success = [False] * len(group)
-            recorders = [EpisodeRecorder(obs, env.instruction, env.task_family, seed)
+            recorders = [EpisodeRecorder(obs, env.instruction, env.task_family, seed, max_steps,
+                                         post_success_steps if run_on else 0)
                          for obs, env, seed in zip(observations, envs, group, strict=False)] if record else None
             active = list(range(len(group)))
             while active:
@@ -115,13 +147,16 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
                 for row, i in enumerate(active):
                     chunk_actions = actions[row, :chunk].numpy()  # [k, 4]
                     if record:
-                        obs, terminated, truncated, info = recorders[i].step_chunk(envs[i], chunk_actions)
+                        obs, info = recorders[i].step_chunk(envs[i], chunk_actions)
+                        steps[i], success[i] = recorders[i].outcome_steps, recorders[i].success_step is not None
+                        over = recorders[i].done
                     else:
                         obs, _, terminated, truncated, info = envs[i].step_chunk(chunk_actions)
+                        steps[i] += int(info["num_steps_taken"])
+                        success[i] = bool(info["success"])
+                        over = terminated or truncated
                     observations[i] = obs
-                    steps[i] += int(info["num_steps_taken"])
-                    success[i] = bool(info["success"])
-                    if not (terminated or truncated):
+                    if not over:
                         still_active.append(i)
                 active = still_active
             outcomes += [EpisodeOutcome(env_id, seed, success[i], steps[i], recorders[i].finish() if record else None)
@@ -132,17 +167,19 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
     return outcomes
 
 
-def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool]) -> list[EpisodeOutcome]:
-    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record = args
+def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool, int]) -> list[EpisodeOutcome]:
+    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record, post_success_steps = args
     torch.set_num_threads(1)  # the workers already use every core
     policy, _ = load_policy(Path(policy_dir))
     return run_episodes(policy, env_id, seeds, greedy, group_size, max_steps,
-                        torch.Generator().manual_seed(sample_seed), record)
+                        torch.Generator().manual_seed(sample_seed), record, post_success_steps)
 
 
-def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False) -> EvalResult:
+def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
+                    post_success_steps: int = 0) -> EvalResult:
     """Success per family over `config.episodes` seeded episodes each, on `config.num_workers` processes.
-    With `record`, each outcome carries its full Episode (see `record_to`)."""
+    With `record`, each outcome carries its full Episode (see `record_to`), filmed on for
+    `post_success_steps` steps after a success; the success rates do not depend on it."""
     started = time.perf_counter()
     jobs = []
     for env_id in config.env_ids:
@@ -150,7 +187,7 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False) 
         per_job = max(1, -(-len(seeds) // config.num_workers))
         for k in range(0, len(seeds), per_job):
             jobs.append((str(policy_dir), env_id, seeds[k: k + per_job], config.greedy, config.envs_per_worker,
-                         config.max_steps, config.seed + 7919 * len(jobs), record))
+                         config.max_steps, config.seed + 7919 * len(jobs), record, post_success_steps))
     if config.num_workers == 1:
         results = [_worker(job) for job in jobs]
     else:
@@ -210,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--record-to", type=Path, default=None,
                         help="also append every episode (all frames) to this replay-buffer directory")
+    parser.add_argument("--post-success-steps", type=int, default=0,
+                        help="with --record-to: control steps recorded after a success, the policy still acting "
+                             "(the success rates are decided at the first success either way)")
     return parser
 
 
@@ -218,7 +258,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
                         num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample)
-    result = evaluate_policy(args.policy, config, record=args.record_to is not None)
+    if args.post_success_steps < 0:
+        print(f"vla-mbpo evaluate: error: --post-success-steps must be >= 0, got {args.post_success_steps}",
+              file=sys.stderr)
+        return 2
+    result = evaluate_policy(args.policy, config, record=args.record_to is not None,
+                             post_success_steps=args.post_success_steps)
     print(format_table({str(args.policy): result}))
     if args.record_to is not None:
         counts = record_to(result, args.record_to, load_policy(args.policy)[0].config.chunk_size)

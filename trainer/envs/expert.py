@@ -9,6 +9,12 @@ small phase machine per family driven by a proportional controller on the hand p
            point pusher loses round objects sideways; dragging on the table twists them out of the grip),
            hopping over anything in the way
 
+Once the task is complete (the env's latched success, seen only when the env runs on after success:
+`terminate_on_success=False`) the expert holds: no more phases or mistakes, the hand stays where it was
+at success (lift: raised on to CARRY_Z, gripper closed; place: open above the bin; push: opened, so the
+object settles on the pad), so the completed state stays visible instead of being undone (a place expert
+would otherwise pick the object out of the bin again).
+
 Phases re-check the state each step (a dropped object sends the expert back to approach), so the
 expert recovers from its own noise. `skill` in [0, 1] sets the imperfection: Gaussian action noise of
 std NOISE_AT_ZERO_SKILL * (1 - skill), a slower hand, and, with probability min(1, MISTAKE_AT_ZERO_SKILL *
@@ -76,6 +82,7 @@ class ScriptedExpert:
         self._phase = "approach"
         self._phase_steps = 0
         self._steps = 0
+        self._hold: tuple[np.ndarray, bool] | None = None  # (hand target [3], close) once the task is done
 
     @property
     def noise_std(self) -> float:
@@ -91,7 +98,10 @@ class ScriptedExpert:
         if state.layout is not self._layout:
             self._start_episode(state)
         plan = self._plan
-        if plan.mistake == "wander" and plan.mistake_step <= self._steps < plan.mistake_step + plan.wander_steps:
+        if state.success:
+            target, close = self._hold_pose(state)
+            action = np.append(self._move_towards(state.hand_pos, target), 1.0 if close else -1.0)
+        elif plan.mistake == "wander" and plan.mistake_step <= self._steps < plan.mistake_step + plan.wander_steps:
             action = np.append(plan.wander_direction, self.rng.uniform(-1, 1))
         else:
             target, close = self._policy(state)
@@ -105,6 +115,7 @@ class ScriptedExpert:
     def _start_episode(self, state: SimState) -> None:
         self._layout = state.layout
         self._phase, self._phase_steps, self._steps = "approach", 0, 0
+        self._hold = None
         mistake = ""
         if self.rng.random() < self.mistake_probability:
             mistake = MISTAKES[int(self.rng.choice(len(MISTAKES), p=MISTAKE_WEIGHTS))]
@@ -120,6 +131,21 @@ class ScriptedExpert:
             wander_steps=int(self.rng.integers(40, 80)),
             wander_direction=direction / np.linalg.norm(direction),
         )
+
+    def _hold_pose(self, state: SimState) -> tuple[np.ndarray, bool]:
+        """Where to keep the hand after success: fixed at its first post-success call, so the action noise
+        is corrected towards one pose instead of drifting."""
+        if self._hold is None:
+            target = state.hand_pos.copy()
+            close = state.gripper_closed
+            if state.goal.family == "lift":
+                target[2] = max(target[2], CARRY_Z)  # success fires on the way up: finish the lift
+            elif state.goal.family == "push":
+                # Success fires while the object is carried just clear of the pad, often tilted in the grip;
+                # held on, it can leave the "resting on the pad" condition. Let go: it settles on the pad.
+                close = False
+            self._hold = (target, close)
+        return self._hold
 
     # ---- control -------------------------------------------------------------------------------------
     def _move_towards(self, hand: np.ndarray, target: np.ndarray, speed: float = 1.0) -> np.ndarray:

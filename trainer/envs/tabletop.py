@@ -4,6 +4,11 @@ Observation: {"head": uint8[H, W, 3], "wrist": uint8[H, W, 3]}; the instruction 
 and `info["instruction"]`. Nothing privileged is observed: the scripted expert reads `sim_state()`.
 Action: float32[4] in [-1, 1]: (dx, dy, dz) of the hand, scaled by `max_step_size` metres, and a gripper
 command (> 0 closes, <= 0 opens). Values outside [-1, 1] are clipped, like any bounded actuator.
+
+Success latches. By default (the gymnasium contract of a goal-reaching task) the step that first succeeds
+terminates the episode. With `terminate_on_success=False` the episode goes on until `max_steps` (then it is
+truncated): `info["success"]` stays True and the +1 reward is paid only on the first successful step. Data
+recorders use this to keep filming the completed task, so "done" is a visible state and not a single frame.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class EnvConfig:
     max_steps: int = 96
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_step_size: float = 0.02  # metres the hand moves for an action of 1.0 (at 25 Hz: 0.5 m/s)
+    terminate_on_success: bool = True  # False: run on to max_steps after success (success stays latched)
 
     def __post_init__(self) -> None:
         if self.task not in tasks.TASK_NAMES:
@@ -64,6 +70,8 @@ class EnvConfig:
                 raise EnvConfigError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not 0.0 < self.max_step_size <= 0.1:
             raise EnvConfigError(f"max_step_size must be in (0, 0.1] metres, got {self.max_step_size}")
+        if not isinstance(self.terminate_on_success, bool):
+            raise EnvConfigError(f"terminate_on_success must be a bool, got {self.terminate_on_success!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class SimState:
     gripper_closed: bool  # the last gripper command
     object_pos: np.ndarray  # [NUM_OBJECTS, 3]
     goal_xy: np.ndarray  # [2] centre of the pad (push) or bin (place); the object's xy for lift
+    success: bool  # latched: the task was completed at some step of this episode
 
 
 def image_size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -95,9 +104,9 @@ class TabletopEnv(gym.Env):
 
     def __init__(self, task: str = tasks.MULTI_TASK, image_size: int | tuple[int, int] = 64, max_steps: int = 96,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, max_step_size: float = 0.02,
-                 render_mode: str | None = None) -> None:
+                 render_mode: str | None = None, terminate_on_success: bool = True) -> None:
         height, width = image_size_pair(image_size)
-        self.config = EnvConfig(task, height, width, max_steps, chunk_size, max_step_size)
+        self.config = EnvConfig(task, height, width, max_steps, chunk_size, max_step_size, terminate_on_success)
         if render_mode not in (None, "rgb_array"):
             raise EnvConfigError(f"unknown render_mode {render_mode!r}; expected None or 'rgb_array'")
         self.render_mode = render_mode
@@ -175,7 +184,8 @@ class TabletopEnv(gym.Env):
             goal_xy = object_pos[goal.object_index, :2].copy()
         fingers = self.data.qpos[self._ids.finger_qpos]
         hand = self.data.xpos[self._ids.hand_body].copy()
-        return SimState(goal, layout, hand, float(fingers.mean()), self._gripper_closed, object_pos, goal_xy)
+        return SimState(goal, layout, hand, float(fingers.mean()), self._gripper_closed, object_pos, goal_xy,
+                        self._success)
 
     def render(self) -> np.ndarray | None:
         """With render_mode="rgb_array": head and wrist side by side, uint8[H, 2W, 3]."""
@@ -211,7 +221,7 @@ class TabletopEnv(gym.Env):
         self._num_steps += 1
         newly_succeeded = not self._success and self._check_success()
         self._success = self._success or newly_succeeded
-        terminated = self._success
+        terminated = self._success and self.config.terminate_on_success
         truncated = not terminated and self._num_steps >= self.config.max_steps
         self._done = terminated or truncated
         return (1.0 if newly_succeeded else 0.0), terminated, truncated
