@@ -11,10 +11,11 @@ Format "vla-mbpo-episodes/1" (a directory):
                           instruction, task (0-d str arrays), seed (0-d int64)
 
 Frame t is the observation before action t; frame T is the last observation. `done` is implicit: an
-episode ends after its T-th action, terminated if success[T] (success ends an episode) and truncated at
-the env's max_steps otherwise. Every file is written to a temporary name and then renamed (atomic on
-POSIX), episode first, manifest after, so a recording that is interrupted leaves every finished
-episode readable.
+episode ends after its T-th action, successful if success[T] and truncated at the env's max_steps
+otherwise. A successful episode either stops at its first successful frame (the env's own termination)
+or, recorded with `collect --post-success-steps N`, goes on for N more steps with success latched.
+Every file is written to a temporary name and then renamed (atomic on POSIX), episode first, manifest
+after, so a recording that is interrupted leaves every finished episode readable.
 """
 
 from __future__ import annotations

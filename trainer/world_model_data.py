@@ -7,7 +7,9 @@ every stride-1 window (episode, start t) then becomes one training stream
     instruction, observation o_t, then for j = 1..n: actions a_{t+(j-1)k : t+jk}, observation o_{t+jk}, <rew> <yes|no>
 
 with n = min(max_chunks, (T - t) // k) >= 1: windows near the episode end keep the chunks that fit (no padded
-actions), so the final, successful frames are still targets. Reward label = success[t + jk] (latched).
+actions), so the final, successful frames are still targets. Reward label = success[t + jk] (latched): in a
+recording filmed on after success (collect --post-success-steps) every chunk ending after the first success
+is a <yes>, and windows that start after it answer <yes> throughout, as the engine's latched `done` expects.
 
 Only the positions the model generates at serving time are trained: image codes of predicted observations and
 the yes/no answer; forced markers, the instruction, the actions and the real start observation are context.

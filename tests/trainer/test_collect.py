@@ -36,6 +36,66 @@ def test_record_episode_captures_every_frame_and_action():
     assert episode.task == "lift" and episode.seed == 4 and episode.instruction.startswith("lift the ")
 
 
+def test_record_episode_films_on_for_exactly_the_post_success_steps():
+    # Lift seed 4 with the full-skill expert succeeds on step 18 (see the test above).
+    stop = make_env("lift", image_size=16)
+    run_on = make_env("lift", image_size=16, max_steps=96 + 16, terminate_on_success=False)
+    try:
+        first = record_episode(stop, ScriptedExpert(stop, 1.0, seed=0), seed=4)
+        longer = record_episode(run_on, ScriptedExpert(run_on, 1.0, seed=0), seed=4, max_steps=96,
+                                post_success_steps=16)
+    finally:
+        stop.close()
+        run_on.close()
+    assert first.num_steps == 18 and longer.num_steps == 18 + 16
+    assert longer.success.tolist() == [False] * 18 + [True] * 17
+    np.testing.assert_array_equal(longer.actions[:18], first.actions)
+    np.testing.assert_array_equal(longer.head[:19], first.head)
+    np.testing.assert_array_equal(longer.wrist[:19], first.wrist)
+
+
+def test_record_episode_without_success_stops_at_max_steps():
+    env = make_env("place", image_size=16, max_steps=10 + 16, terminate_on_success=False)
+    try:
+        episode = record_episode(env, ScriptedExpert(env, 1.0, seed=0), seed=0, max_steps=10, post_success_steps=16)
+    finally:
+        env.close()
+    assert episode.num_steps == 10 and episode.success.tolist() == [False] * 11
+
+
+@pytest.mark.parametrize(("env_kwargs", "message"), [
+    ({}, "post_success_steps > 0 needs an env built with terminate_on_success=False"),
+    ({"terminate_on_success": False, "max_steps": 100},
+     "the env truncates at max_steps=100, before max_steps=96 plus post_success_steps=16"),
+])
+def test_record_episode_rejects_an_env_that_cannot_film_on(env_kwargs, message):
+    env = make_env("lift", image_size=16, **env_kwargs)
+    try:
+        with pytest.raises(ValueError, match=message):
+            record_episode(env, ScriptedExpert(env, 1.0, seed=0), seed=0, max_steps=96, post_success_steps=16)
+    finally:
+        env.close()
+
+
+def test_collect_post_success_steps_add_frames_to_successful_episodes_only(tmp_path):
+    # Seeds 3 and 4 at skill 0.5: episode 3 (place) fails within 96 steps, episode 4 (place) succeeds on step 53.
+    base = CollectConfig(task="multi", num_episodes=2, skill=0.5, seed=3, image_size=16, workers=1,
+                         post_success_steps=0)
+    collect.collect(base, tmp_path / "stop", progress=False)
+    collect.collect(CollectConfig(**{**base.__dict__, "post_success_steps": 16}), tmp_path / "on", progress=False)
+    stop, on = EpisodeDataset(tmp_path / "stop"), EpisodeDataset(tmp_path / "on")
+    assert [(e["num_steps"], e["success"]) for e in stop.episodes] == [(96, False), (53, True)]
+    assert [(e["num_steps"], e["success"]) for e in on.episodes] == [(96, False), (53 + 16, True)]
+    np.testing.assert_array_equal(on.load(0).head, stop.load(0).head)
+    assert on.load(1).success.tolist() == [False] * 53 + [True] * 17
+    np.testing.assert_array_equal(on.load(1).head[:54], stop.load(1).head)
+
+
+def test_collect_defaults_to_two_chunks_after_success():
+    assert CollectConfig().post_success_steps == collect.DEFAULT_POST_SUCCESS_STEPS == 16
+    assert collect.build_parser().parse_args(["--episodes", "1", "--out", "x"]).post_success_steps == 16
+
+
 def test_collect_is_reproducible_whatever_the_number_of_workers(tmp_path):
     config = CollectConfig(task="multi", num_episodes=3, skill=0.5, seed=10, image_size=16, workers=1)
     one = collect.collect(config, tmp_path / "one", progress=False)
@@ -73,6 +133,7 @@ def test_cli_records_and_reports(tmp_path, capsys):
     (["--skill", "2"], "skill must be in [0, 1], got 2.0"),
     (["--workers", "0"], "workers must be >= 1, got 0"),
     (["--episodes", "0"], "episodes must be >= 1, got 0"),
+    (["--post-success-steps", "-1"], "post-success-steps must be >= 0, got -1"),
 ])
 def test_cli_bad_arguments_name_the_problem(tmp_path, capsys, args, message):
     base = {"--episodes": "1", "--out": str(tmp_path / "x")}

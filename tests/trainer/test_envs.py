@@ -294,3 +294,80 @@ def test_render_mode_rgb_array_shows_both_views_side_by_side():
     finally:
         env.close()
     np.testing.assert_array_equal(frame, np.concatenate([obs["head"], obs["wrist"]], axis=1))
+
+
+def test_env_runs_on_after_success_when_asked():
+    # Lift seed 2 with the full-skill expert first succeeds on step 20 (the default env terminates there).
+    steps = 30
+    env = make_env("lift", image_size=16, max_steps=steps, terminate_on_success=False)
+    try:
+        obs, _ = env.reset(seed=2)
+        expert = ScriptedExpert(env, 1.0, seed=0)
+        rewards, successes, terminated, truncated, sim_success = [], [], [], [], []
+        for _ in range(steps):
+            obs, reward, term, trunc, info = env.step(expert.act(obs))
+            rewards.append(reward)
+            successes.append(info["success"])
+            terminated.append(term)
+            truncated.append(trunc)
+            sim_success.append(env.sim_state().success)
+        with pytest.raises(EpisodeOverError, match="the episode is over"):
+            env.step(np.zeros(4))
+    finally:
+        env.close()
+    assert successes == [False] * 19 + [True] * 11  # latched from step 20 on
+    assert sim_success == successes
+    assert rewards == [0.0] * 19 + [1.0] + [0.0] * 10  # paid once, on the first successful step
+    assert terminated == [False] * steps
+    assert truncated == [False] * (steps - 1) + [True]
+
+
+def test_running_on_changes_nothing_before_the_first_success():
+    default = make_env("push", image_size=16)
+    run_on = make_env("push", image_size=16, terminate_on_success=False)
+    try:
+        frames, actions, info = run_expert(default, seed=1)
+        assert info["success"] is True
+        obs, _ = run_on.reset(seed=1)
+        expert = ScriptedExpert(run_on, 1.0, seed=1)
+        for t, expected in enumerate(actions):
+            action = expert.act(obs)
+            np.testing.assert_array_equal(action, expected)
+            obs, _, terminated, _, info = run_on.step(action)
+            np.testing.assert_array_equal(obs["head"], frames[t + 1]["head"])
+        assert info["success"] is True and terminated is False
+    finally:
+        default.close()
+        run_on.close()
+
+
+@pytest.mark.parametrize("family", ["lift", "push", "place"])
+def test_expert_keeps_the_task_done_after_success(family):
+    # The held pose keeps the simulator's own success condition true, not just the latched flag.
+    env = make_env(family, image_size=16, max_steps=200, terminate_on_success=False)
+    checked = 0
+    try:
+        for seed in range(6):
+            obs, info = env.reset(seed=seed)
+            expert = ScriptedExpert(env, 0.5, seed=seed)
+            while not info["success"]:
+                obs, _, _, truncated, info = env.step(expert.act(obs))
+                if truncated:
+                    break
+            if not info["success"]:
+                continue
+            still_done = []
+            for _ in range(16):
+                obs, _, _, _, info = env.step(expert.act(obs))
+                state = env.sim_state()
+                still_done.append(tasks.is_success(state.goal, state.layout, state.object_pos))
+            assert still_done == [True] * 16, (family, seed)
+            checked += 1
+    finally:
+        env.close()
+    assert checked == 3  # successful seeds among the six, each checked for 16 held steps
+
+
+def test_terminate_on_success_must_be_a_bool():
+    with pytest.raises(EnvConfigError, match="terminate_on_success must be a bool, got 'no'"):
+        make_env("lift", terminate_on_success="no")

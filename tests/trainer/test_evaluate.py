@@ -1,5 +1,6 @@
 """Real-env evaluation: seeded episodes, step accounting, recording into the replay-buffer format."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,52 @@ def test_worker_processes_give_the_same_outcomes_as_in_process(policy_dir):
                                                      num_workers=2, max_steps=8))
     assert [(o.seed, o.success, o.env_steps) for o in spawned.episodes] == [
         (o.seed, o.success, o.env_steps) for o in in_process.episodes] == [(11, False, 8), (12, False, 8)]
+
+
+def test_recorder_films_on_for_exactly_the_post_success_steps():
+    from trainer.envs import make_env
+    from trainer.envs.expert import ScriptedExpert
+    from trainer.evaluate import EpisodeRecorder
+
+    # Lift seed 4 with the full-skill expert first succeeds on step 18.
+    env = make_env("lift", image_size=16, max_steps=96 + 13, terminate_on_success=False)
+    try:
+        obs, _ = env.reset(seed=4)
+        recorder = EpisodeRecorder(obs, env.instruction, "lift", 4, max_steps=96, post_success_steps=13)
+        expert = ScriptedExpert(env, 1.0, seed=0)
+        while recorder.success_step is None:
+            obs, info = recorder.step_chunk(env, expert.act(obs)[None])
+        assert (recorder.success_step, recorder.done) == (18, False)
+        recorder.step_chunk(env, np.zeros((8, 4), np.float32))
+        assert len(recorder.actions) == 26 and not recorder.done
+        recorder.step_chunk(env, np.zeros((8, 4), np.float32))  # stops after 5 of these 8 actions
+        assert len(recorder.actions) == 31 and recorder.done and recorder.outcome_steps == 18
+    finally:
+        env.close()
+    episode = recorder.finish()
+    assert episode.num_steps == 31 and episode.success.tolist() == [False] * 18 + [True] * 14
+
+
+def test_recorder_without_success_stops_at_max_steps():
+    from trainer.envs import make_env
+    from trainer.evaluate import EpisodeRecorder
+
+    env = make_env("place", image_size=16, max_steps=10 + 16, terminate_on_success=False)
+    try:
+        obs, _ = env.reset(seed=0)
+        recorder = EpisodeRecorder(obs, env.instruction, "place", 0, max_steps=10, post_success_steps=16)
+        recorder.step_chunk(env, np.zeros((8, 4), np.float32))
+        recorder.step_chunk(env, np.zeros((8, 4), np.float32))
+    finally:
+        env.close()
+    assert len(recorder.actions) == 10 and recorder.done and recorder.outcome_steps == 10
+    assert recorder.success_step is None
+
+
+def test_recording_with_post_success_steps_keeps_the_evaluation(policy_dir):
+    # The untrained policy never succeeds: the recording (and every outcome) is the same with or without them.
+    config = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=2, seed=5, num_workers=1, max_steps=12)
+    plain = evaluate_policy(policy_dir, config, record=True)
+    filmed = evaluate_policy(policy_dir, config, record=True, post_success_steps=16)
+    assert [(o.success, o.env_steps, o.episode.num_steps) for o in filmed.episodes] == \
+        [(o.success, o.env_steps, o.episode.num_steps) for o in plain.episodes] == [(False, 12, 12)] * 2

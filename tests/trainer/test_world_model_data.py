@@ -152,3 +152,22 @@ def test_reward_weights_account_for_positive_oversampling():
     # uniform mean (no, yes) = (1.0, 0.6); mean over windows with a yes = (0.4, 1.2); half each -> (0.7, 0.9)
     weights = reward_class_weights(episodes, windows, chunk_size=2, positive_fraction=0.5)
     assert weights == pytest.approx((1.6 / 1.4, 1.6 / 1.8))
+
+
+def test_post_success_frames_make_yes_chunks():
+    # A recording filmed on after success (collect --post-success-steps): success first at frame 5, then 4 more
+    # steps, latched. Every chunk ending at or after frame 5 is a <yes>, including windows that start after it.
+    stopped = TokenizedEpisode("go", tiny_episode(steps=5).codes, tiny_episode(steps=5).actions,
+                               np.arange(6) >= 5)
+    filmed_on = tiny_episode(steps=9, success_from=5)
+    stopped_windows = enumerate_windows([stopped], chunk_size=2, max_chunks=2)
+    assert window_reward_counts([stopped], stopped_windows, 2).tolist() == [[2, 0], [1, 1], [1, 0], [0, 1]]
+    windows = enumerate_windows([filmed_on], chunk_size=2, max_chunks=2)
+    assert [w.start for w in windows] == list(range(8))
+    assert window_reward_counts([filmed_on], windows, 2).tolist() == [
+        [2, 0], [1, 1], [1, 1], [0, 2], [0, 2], [0, 2], [0, 1], [0, 1]]
+    after = build_stream(LAYOUT, filmed_on, start=6, num_chunks=1)
+    reward_positions = np.flatnonzero(after.targets == TARGET_REWARD)
+    assert after.token_ids[reward_positions].tolist() == [LAYOUT.yes_id]
+    spanning = build_stream(LAYOUT, filmed_on, start=2, num_chunks=2)
+    assert spanning.token_ids[spanning.targets == TARGET_REWARD].tolist() == [LAYOUT.no_id, LAYOUT.yes_id]
