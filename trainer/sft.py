@@ -65,11 +65,16 @@ def load_demos(data_dir: Path, config: PolicyConfig, only_successful: bool) -> D
         if (only_successful and not entry["success"]) or entry["num_steps"] == 0:
             continue
         episode = dataset.load(i)
+        # Clone up to the first success: later frames (collect --post-success-steps) show the expert holding a
+        # finished task, and the env ends an episode at its first success anyway.
+        steps = int(np.argmax(episode.success)) if episode.succeeded else episode.num_steps
+        if steps == 0:
+            continue
         used += 1
-        chunks, real = chunk_targets(episode.actions, config.chunk_size)
-        heads.append(episode.head[:-1])  # the last frame has no action after it
-        wrists.append(episode.wrist[:-1])
-        instr_ids.append(np.full(episode.num_steps, instructions.setdefault(episode.instruction, len(instructions))))
+        chunks, real = chunk_targets(episode.actions[:steps], config.chunk_size)
+        heads.append(episode.head[:steps])  # the frame at `steps` has no cloned action after it
+        wrists.append(episode.wrist[:steps])
+        instr_ids.append(np.full(steps, instructions.setdefault(episode.instruction, len(instructions))))
         bins.append(actions_to_bins(torch.from_numpy(chunks), config.num_bins))
         masks.append(torch.from_numpy(np.repeat(real, config.action_dim, axis=1)))  # time-major like the bins
     if used == 0:

@@ -72,6 +72,21 @@ def test_load_demos_keeps_successful_episodes_by_default(tmp_path):
     assert everything.target_bins[3].tolist() == [3] * 8  # episode 1: actions 0.5 -> bin 3 of 5
 
 
+def test_load_demos_clones_up_to_the_first_success(tmp_path):
+    # Filmed on for 3 steps after success at step 2 (collect --post-success-steps 3): the hold is not cloned.
+    writer = EpisodeWriter(tmp_path / "d", DatasetMeta(16, 16, 4, (-1.0,) * 4, (1.0,) * 4, 2))
+    frames = np.arange(6, dtype=np.uint8)[:, None, None, None] * np.ones((1, 16, 16, 3), dtype=np.uint8)
+    actions = np.array([[0.0] * 4, [0.0] * 4, [-1.0] * 4, [1.0] * 4, [1.0] * 4], dtype=np.float32)
+    writer.add(Episode(frames, frames.copy(), actions, np.array([False, False, True, True, True, True]),
+                       "lift the cube", "lift", 0))
+    demos = load_demos(tmp_path / "d", TINY, only_successful=True)
+    assert demos.num_episodes == 1 and len(demos) == 2
+    assert demos.head[:, 0, 0, 0].tolist() == [0, 1]
+    # step 1's chunk is padded with its own action (0.0 -> bin 2), not filled with the hold's (-1.0 -> bin 0)
+    assert demos.target_bins.tolist() == [[2] * 8, [2] * 8]
+    assert demos.target_mask.sum(1).tolist() == [8, 4]
+
+
 def test_train_sft_writes_a_loadable_policy_and_metrics(tmp_path):
     write_dataset(tmp_path / "d", [(3, True), (4, True)])
     demos = load_demos(tmp_path / "d", TINY, only_successful=True)
