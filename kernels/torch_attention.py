@@ -1,14 +1,14 @@
 """Vectorised torch implementations for the CPU engine: the same contract as kernels/reference.py, fast.
 
-No Python loop over tokens. Sequences with few queries (decode, a cascade prefix shared by its branches)
-run as one padded batch: their KV blocks are gathered by block table with advanced indexing and each
-(sequence, kv head) does one masked matmul for all its queries and grouped query heads. Only long
-prefill chunks run one sequence at a time, where the matmul is big enough on its own.
+No Python loop over tokens. Decode-like sequences (<= IN_PLACE_MAX_QUERIES queries) that own the blocks
+they read attend in place, block by block (kernels/torch_decode.py). Other sequences with few queries (a
+cascade prefix shared by its branches) run as one padded batch: their KV blocks are gathered by block
+table into reused buffers and each (kv head, sequence) does one masked matmul for all its queries and
+grouped query heads. Long prefill chunks run in batches of equal length.
 
 The cascade path is where branching wins: the queries of all branches of a prefix meet the prefix's
 K/V in one [branches * q, prefix_len] matmul (the prefix is read once), each branch then attends to its
-short suffix, and the two parts are merged by log-sum-exp.
-"""
+short suffix, and the two parts are merged by log-sum-exp."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def heads_major_view(cache: torch.Tensor) -> torch.Tensor | None:
     return view if view.is_contiguous() else None
 
 
-def _gather_keys(
+def _gather_blocks(
     cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
     blocks: torch.Tensor,  # int64 [n, num_gathered]
     name: str,
@@ -158,7 +158,7 @@ def _attend_batch(
     )
     blocks = torch.gather(block_tables.long(), 1, block_ids)  # [n, num_gathered]
     num_keys = num_gathered * block_size
-    keys = _gather_keys(k_cache, blocks, "keys")  # [kv_heads, n, num_keys, D]
+    keys = _gather_blocks(k_cache, blocks, "keys")  # [kv_heads, n, num_keys, D]
     key_pos = first_blocks[:, None] * block_size + torch.arange(num_keys, device=device)  # [n, num_keys]
 
     rows = torch.arange(max_q, device=device)
@@ -182,7 +182,7 @@ def _attend_batch(
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
     probs = scores.sub_(row_max[..., None]).exp_()  # unnormalised: one exp pass, no logsumexp
     denominator = probs.sum(dim=-1)  # [kv_heads, n, max_q * group]
-    values = _gather_keys(v_cache, blocks, "values")  # [kv_heads, n, num_keys, D]
+    values = _gather_blocks(v_cache, blocks, "values")  # [kv_heads, n, num_keys, D]
     out = torch.matmul(probs, values)  # [kv_heads, n, max_q * group, D]
     out /= denominator.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # rows without keys stay 0
     lse = torch.where(denominator > 0, row_max + denominator.log(), float("-inf"))
