@@ -11,8 +11,9 @@ Stages, each the project's own command with the arguments shown in `<work-dir>/c
   5. eval-world-model on held-out episodes -> <work-dir>/eval_ivd.json (+ eval_independent.json) and the grid
 
 The shipped checkpoints/default was produced by this command on one H100 (the recording made by
-`vla-mbpo collect --task multi --episodes 300 --skill 0.5 --out /work/data/demos`, which step 1 reproduces
-when --data is missing); it took 166 s there (tokenizer 36 s, world model 69 s, each eval ~19 s):
+`vla-mbpo collect --task multi --episodes 300 --skill 0.5 --post-success-steps 0 --out /work/data/demos`, the
+recording from before collect filmed on after success; step 1 now records with collect's default of 16
+post-success steps); it took 166 s there (tokenizer 36 s, world model 69 s, each eval ~19 s):
 
     vla-mbpo build-default --data /work/data/demos --out checkpoints/default --work-dir runs/build_default \\
         --device cuda --tokenizer-steps 1500 --world-model-steps 1500 --world-model-batch-size 32 \\
