@@ -22,7 +22,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +210,8 @@ def greedy_parity(checkpoint: Path, config: EngineConfig, num_streams: int, num_
     """Engine greedy multi-chunk streams vs HF teacher-forced restricted argmax at every sampled position."""
     from transformers import LlamaForCausalLM
 
-    engine = Engine.from_checkpoint(checkpoint, config)
+    # Its streams are not the timed workload's, so its KV memory is not sized for it: the config's default.
+    engine = Engine.from_checkpoint(checkpoint, replace(config, num_kv_blocks=None))
     layout = engine.layout
     workload = Workload(num_states=max(1, num_streams // 8), branches_per_state=8, num_chunks=num_chunks, seed=3)
     actions = chunk_actions(layout, workload)
