@@ -32,16 +32,23 @@ class RunnerOutput:
     success_probs: np.ndarray  # float32 [num_sampled]: P(<yes>) over {<yes>, <no>} at this position
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
 
 
 def retain_freed_host_memory() -> bool:
-    """Serve large host allocations from the heap and never trim it (glibc only; a no-op elsewhere).
-    Returns whether the allocator accepted the setting."""
+    """Serve large host allocations from the heap, never trim it, and keep threads that allocate from now on
+    (AsyncEngine's step thread) in the main arena (glibc only; a no-op elsewhere). Returns whether the
+    allocator accepted the settings.
+
+    A thread with an arena of its own gets 64 MiB heaps that are unmapped when they empty, so its per-step
+    buffers fault their pages in afresh: measured on a served engine thread (32 x 16 x 2 run), 31M minor page
+    faults and 62 s of system time beside 134 s of user time; the served W ran at 59.8% of in-process.
+    """
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        return all(bool(libc.mallopt(param, value)) for param, value in
+                   ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
     except (OSError, AttributeError, TypeError):
         return False
 

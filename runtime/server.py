@@ -34,7 +34,6 @@ from runtime.config import (
     config_from_arguments,
 )
 from runtime.convert import RequestLimits
-from runtime.host_memory import share_main_heap
 from runtime.leases import LeaseTable
 from runtime.metrics import ServerMetrics
 from runtime.servicer import WorldModelServicer
@@ -49,10 +48,6 @@ class RolloutServer:
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.config = config
         self.engine = engine
-        # Before the engine's thread starts: the in-process engine retains its freed host memory in the main
-        # malloc arena only, and a thread with an arena of its own page-faults its K/V gathers every step.
-        self.shares_main_heap = (engine.config.retain_host_memory and engine.config.device.split(":")[0] == "cpu"
-                                 and share_main_heap())
         self.async_engine = AsyncEngine(engine)
         self.info = engine.model_info
         self.limits = RequestLimits(max_states_per_request=config.max_states_per_request,
