@@ -228,7 +228,8 @@ def paged_attention_with_lse(
                                       causal)
             if decoded is not None:
                 valid = torch.arange(max_q, device=query.device) < q_lens[seq_ids, None]  # [n, max_q]
-                out[token_ids[valid]], lse[token_ids[valid]] = decoded[0][valid], decoded[1][valid]
+                rows = token_ids[valid]
+                out[rows], lse[rows] = decoded[0][valid], decoded[1][valid]
                 continue
         # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
         max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size
