@@ -39,7 +39,7 @@ def checkpoint(request, tmp_path_factory):
     save_token_cache(root / "tokens.npz", [tokenize_episode(tokenizer, e, ("head", "wrist")) for e in recorded],
                      list(range(len(recorded))))
     train(WorldModelTrainConfig(out_dir=str(root / "ckpt"), tokenizer_dir=str(root / "tokenizer"),
-                                token_cache=str(root / "tokens.npz"), work_dir=str(root / "work"),
+                                token_caches=(str(root / "tokens.npz"),), work_dir=str(root / "work"),
                                 architecture=TINY_ARCH, steps=6, batch_size=4, warmup_steps=1, num_val_streams=4,
                                 val_every=5, independent_views=request.param, save_dtype="float32"))
     return root / "ckpt", request.param

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
-from world_model_fixtures import synthetic_episodes
+from world_model_fixtures import synthetic_episodes, write_recording
 
 from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from engine.layout import TokenLayout
@@ -15,11 +15,13 @@ from trainer.train_world_model import (
     balanced_accuracy,
     build_parser,
     check_batches,
+    prepare_tokens,
     restricted_losses,
     sample_batch,
     train,
 )
 from trainer.world_model_data import (
+    WorldModelDataError,
     build_stream,
     collate_streams,
     enumerate_windows,
@@ -46,7 +48,8 @@ def prepared(tmp_path_factory):
 
 def config_for(root, name, **overrides):
     base = dict(out_dir=str(root / name / "ckpt"), tokenizer_dir=str(root / "tokenizer"),
-                token_cache=str(root / "tokens.npz"), work_dir=str(root / name / "work"), architecture=TINY_ARCH,
+                token_caches=(str(root / "tokens.npz"),), work_dir=str(root / name / "work"),
+                architecture=TINY_ARCH,
                 steps=16, batch_size=4, lr=3e-3, warmup_steps=2, num_val_streams=8, log_every=4, save_every=8,
                 save_dtype="float32", val_every=4)
     return WorldModelTrainConfig(**{**base, **overrides})
@@ -182,3 +185,43 @@ def test_threads_option_is_a_positive_count():
     assert build_parser().parse_args(["--tokenizer", "t", "--out", "o"]).threads is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--tokenizer", "t", "--out", "o", "--threads", "0"])
+
+
+def test_sources_concatenate_in_order_and_missing_caches_are_made_from_their_recording(prepared, tmp_path):
+    episodes, _ = load_token_cache(prepared / "tokens.npz")
+    save_token_cache(tmp_path / "first.npz", episodes[:5], list(range(5)))
+    save_token_cache(tmp_path / "second.npz", episodes[5:], list(range(7)))
+    tokenizer = ImageTokenizer.from_pretrained(prepared / "tokenizer")
+    config = config_for(prepared, "two", token_caches=(str(tmp_path / "first.npz"), str(tmp_path / "second.npz")))
+    combined = prepare_tokens(config, tokenizer, ("head", "wrist"))
+    assert [e.instruction for e in combined] == [e.instruction for e in episodes]
+    for got, want in zip(combined, episodes, strict=True):
+        np.testing.assert_array_equal(got.codes, want.codes)
+
+    recording = tmp_path / "recording"
+    write_recording(recording, synthetic_episodes(3, steps=20))
+    made = tmp_path / "made.npz"
+    config = config_for(prepared, "made", data_dirs=("unused-first-source-is-cached", str(recording)),
+                        token_caches=(str(tmp_path / "first.npz"), str(made)))
+    combined = prepare_tokens(config, tokenizer, ("head", "wrist"))
+    assert len(combined) == 5 + 3 and made.is_file()
+    assert [e.num_steps for e in load_token_cache(made)[0]] == [20, 20, 20]
+
+
+def test_source_lists_are_checked():
+    with pytest.raises(ValueError, match="need data_dirs or token_caches"):
+        WorldModelTrainConfig(out_dir="o", tokenizer_dir="t")
+    with pytest.raises(ValueError, match="pair up one to one, got 2 and 1"):
+        WorldModelTrainConfig(out_dir="o", tokenizer_dir="t", data_dirs=("a", "b"), token_caches=("a.npz",))
+
+
+def test_a_missing_cache_without_its_recording_is_named(prepared, tmp_path):
+    config = config_for(prepared, "missing", token_caches=(str(tmp_path / "absent.npz"),))
+    with pytest.raises(WorldModelDataError, match=r"token cache .*absent.npz does not exist"):
+        prepare_tokens(config, ImageTokenizer.from_pretrained(prepared / "tokenizer"), ("head", "wrist"))
+
+
+def test_data_and_token_cache_options_take_several_paths():
+    args = build_parser().parse_args(["--tokenizer", "t", "--out", "o", "--data", "a", "b",
+                                      "--token-cache", "a.npz", "b.npz"])
+    assert (args.data, args.token_cache) == (["a", "b"], ["a.npz", "b.npz"])

@@ -51,3 +51,14 @@ def synthetic_episode(seed: int, steps: int = 24, size: int = 16, succeed: bool 
 def synthetic_episodes(count: int, steps: int = 24, size: int = 16) -> list[SyntheticEpisode]:
     """Every third episode fails, so both reward classes occur."""
     return [synthetic_episode(i, steps, size, succeed=i % 3 != 2) for i in range(count)]
+
+
+def write_recording(out_dir, episodes: list[SyntheticEpisode]) -> None:
+    """Writes synthetic episodes as a recording directory (the `vla-mbpo collect` format)."""
+    from trainer.data import DatasetMeta, Episode, EpisodeWriter
+
+    size = episodes[0].head.shape[1]
+    writer = EpisodeWriter(out_dir, DatasetMeta(image_height=size, image_width=size))
+    for i, e in enumerate(episodes):
+        writer.add(Episode(head=e.head, wrist=e.wrist, actions=e.actions, success=e.success,
+                           instruction=e.instruction, task="push", seed=i))
