@@ -24,7 +24,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from engine.image_tokenizer import ImageTokenizer
 from engine.layout import TokenLayout
 from trainer.image_metrics import finite_mean, psnr_per_image, ssim_per_image
-from trainer.train_world_model import INDEPENDENT_VIEWS_KEY, balanced_accuracy, positive_int
+from trainer.train_world_model import INDEPENDENT_VIEWS_KEY, balanced_accuracy, class_recalls, positive_int
 from trainer.world_model_data import (
     TARGET_REWARD,
     TokenizedEpisode,
@@ -248,11 +248,13 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
         pairs = list(zip(labels[valid[:, chunk], chunk].tolist(), success[valid[:, chunk], chunk].tolist(),
                          strict=True))
         report[f"chunk{chunk + 1}_reward_balanced_accuracy"] = balanced_accuracy(pairs)
+        report.update({f"chunk{chunk + 1}_reward_{name}": r for name, r in class_recalls(pairs).items()})
         report[f"chunk{chunk + 1}_num_scored"] = int(valid[:, chunk].sum())
         report[f"chunk{chunk + 1}_num_yes_labels"] = int(labels[:, chunk].sum())
     streams = [build_stream(layout, val_tokens[e], t, int(ok.sum())) for (e, t), ok in zip(windows, valid, strict=True)]
     teacher = teacher_forced_rewards(model, layout, streams, independent, config.batch_size)
     report["teacher_forced_reward_balanced_accuracy"] = balanced_accuracy(teacher)
+    report.update({f"teacher_forced_reward_{name}": r for name, r in class_recalls(teacher).items()})
     if config.grid_png:
         shown = _grid_examples(valid, labels, count=3)
         render_grid(real[shown], imagined[shown].numpy(), Path(config.grid_png))

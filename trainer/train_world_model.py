@@ -253,14 +253,20 @@ def validate(model: LlamaForCausalLM, layout: TokenLayout, batches: Sequence[Str
             f"{prefix}_num_reward_labels": len(answers)}
 
 
+def class_recalls(pairs: Sequence[tuple[bool, bool]]) -> dict[str, float | None]:
+    """Recall of each reward class in (label, prediction) pairs: 'yes' (success caught) and 'no' (1 - the false
+    success rate an RL learner would be paid); None for a class with no label (JSON has no nan)."""
+    recalls: dict[str, float | None] = {}
+    for cls, name in ((True, "yes_recall"), (False, "no_recall")):
+        hits = [pred == label for label, pred in pairs if label == cls]
+        recalls[name] = sum(hits) / len(hits) if hits else None
+    return recalls
+
+
 def balanced_accuracy(pairs: Sequence[tuple[bool, bool]]) -> float:
     """Mean of per-class recall over the classes present in (label, prediction) pairs."""
-    recalls = []
-    for cls in (False, True):
-        hits = [pred == label for label, pred in pairs if label == cls]
-        if hits:
-            recalls.append(sum(hits) / len(hits))
-    return float(np.mean(recalls)) if recalls else float("nan")
+    present = [r for r in class_recalls(pairs).values() if r is not None]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def save_checkpoint(out_dir: Path, layout: TokenLayout, model: LlamaForCausalLM, tokenizer_dir: Path,

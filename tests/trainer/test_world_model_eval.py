@@ -107,6 +107,11 @@ def test_evaluate_writes_report_and_grid(checkpoint, tmp_path):
     assert report["num_val_episodes"] == 2
     # episode 4 succeeds (windows ending on its last frame are added), episode 9 fails.
     assert report["chunk1_num_yes_labels"] >= 1 and report["chunk2_num_yes_labels"] >= 1
+    for scored in ("chunk1", "chunk2", "teacher_forced"):  # the mean of the recalls of the classes present
+        recalls = [report[f"{scored}_reward_{name}_recall"] for name in ("yes", "no")]
+        present = [r for r in recalls if r is not None]
+        assert recalls[0] is not None and report[f"{scored}_reward_balanced_accuracy"] == pytest.approx(
+            sum(present) / len(present))
     for key in ("chunk1_head", "chunk1_wrist", "chunk2_head", "chunk2_wrist"):
         assert set(report[key]) == {"psnr", "ssim", "tokenizer_ceiling", "copy_start_floor"}
         assert 0 < report[key]["psnr"] <= 100 and -1 <= report[key]["ssim"] <= 1

@@ -15,6 +15,7 @@ from trainer.train_world_model import (
     balanced_accuracy,
     build_parser,
     check_batches,
+    class_recalls,
     prepare_tokens,
     restricted_losses,
     sample_batch,
@@ -76,6 +77,10 @@ def test_restricted_losses_on_uniform_logits():
 def test_balanced_accuracy():
     pairs = [(True, True), (True, False), (False, False), (False, False), (False, False), (False, True)]
     assert balanced_accuracy(pairs) == pytest.approx(0.5 * (1 / 2) + 0.5 * (3 / 4))
+    assert class_recalls(pairs) == {"yes_recall": 0.5, "no_recall": 0.75}
+    only_no = class_recalls([(False, False), (False, True)])
+    assert only_no == {"yes_recall": None, "no_recall": 0.5}
+    assert balanced_accuracy([(False, False), (False, True)]) == 0.5
 
 
 def test_train_writes_a_checkpoint_transformers_loads(prepared):
