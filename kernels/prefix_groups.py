@@ -7,7 +7,7 @@ layer: an engine builds it once per step (plan_cascade) and passes it to every l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,9 @@ class CascadePlan:
     token_order: torch.Tensor  # int64 [num_tokens]: query tokens sorted by prefix id, prefix-less tokens last
     prefix_query_start_loc: torch.Tensor  # int32 [num_prefixes + 1]: segments of token_order, one per prefix
     suffix_starts: torch.Tensor  # int32 [num_seqs]: first key position read through the sequence's own table
+    # Backend-private metadata derived from the same batch, filled by the first layer that needs it and reused
+    # by the others (the torch path keeps its per-pass attention plans here; the Triton path needs none).
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def group_queries_by_prefix(

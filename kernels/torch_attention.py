@@ -12,12 +12,14 @@ short suffix, and the two parts are merged by log-sum-exp."""
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from .prefix_groups import CascadePlan, plan_cascade
-from .torch_decode import decode_in_place
+from .torch_decode import LOG2_E, DecodePlan, decode_in_place, plan_decode
 from .validation import check_attention_inputs, check_cascade_inputs, check_merge_inputs, check_store_kv_inputs
 
 # Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
@@ -27,6 +29,7 @@ SHORT_SEGMENT_MAX_QUERIES = 16
 IN_PLACE_MAX_QUERIES = 4
 # Bytes of gathered K/V + scores one padded batch may hold; bigger batches are cut into chunks of sequences.
 BATCH_MEMORY_BUDGET_BYTES = 256 * 2**20
+LN_2 = math.log(2.0)
 
 
 def store_kv(
@@ -128,68 +131,150 @@ def _gather_blocks(
     return gathered.reshape(num_kv_heads, n, num_gathered * block_size, head_dim).float()
 
 
-def _attend_batch(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # int32 [n, max_blocks] (rows of this batch)
-    seq_lens: torch.Tensor,  # int64 [n]
-    q_starts: torch.Tensor,  # int64 [n]
-    q_lens: torch.Tensor,  # int64 [n]
-    first_keys: torch.Tensor,  # int64 [n]
-    max_q: int,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of n sequences padded to max_q queries: (token ids [m], out [m, H, D], lse [m, H])
-    for the m real query rows."""
-    n = seq_lens.shape[0]
+@dataclass(frozen=True)
+class _DecodeBatch:
+    """Sequences with a few queries each that read their own blocks in place (kernels/torch_decode.py)."""
+
+    token_ids: torch.Tensor  # int64 [n, max_q]: query row of each (sequence, query), clamped for padding
+    valid: torch.Tensor  # bool [n, max_q]
+    rows: torch.Tensor  # int64 [m]: token_ids[valid]
+    decode: DecodePlan
+
+
+@dataclass(frozen=True)
+class _GatherBatch:
+    """Sequences whose blocks are gathered into one padded batch (cascade prefixes, prefill chunks)."""
+
+    token_ids: torch.Tensor  # int64 [n, max_q]
+    valid: torch.Tensor  # bool [n, max_q]
+    rows: torch.Tensor  # int64 [m]: token_ids[valid]
+    blocks: torch.Tensor  # int64 [n, num_gathered]: the blocks holding keys [first_key, seq_len)
+    mask_from: int  # key columns before this one are allowed for every real query row
+    mask: torch.Tensor | None  # bool [n, max_q * group, num_keys - mask_from], True = masked; None: no mask
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How paged_attention_with_lse splits one batch into padded batches, and their masks. It depends only on
+    the batch layout (block tables, lengths, query counts) and the cache geometry, so every layer of a step
+    can reuse it."""
+
+    batches: tuple[_DecodeBatch | _GatherBatch, ...]
+
+
+def plan_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]: only its shape and device are used
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]: only its layout is used
+    block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # int32 [num_seqs]
+    query_start_loc: torch.Tensor,  # int32 [num_seqs + 1]
+    kv_start: torch.Tensor | None = None,  # int32 [num_seqs]
+    causal: bool = True,
+    token_order: torch.Tensor | None = None,  # int64: query row of the i-th token of the segments (default i)
+) -> AttentionPlan:
+    """The plan of paged_attention_with_lse for one batch; the same arguments give the same plan."""
     num_heads, head_dim = query.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     device = query.device
+    q_starts = query_start_loc[:-1].long()
+    q_lens = query_start_loc[1:].long() - q_starts
+    first_keys = torch.zeros_like(q_lens) if kv_start is None else kv_start.long()
+    seq_lens = seq_lens.long()
+    in_place = heads_major_view(k_cache) is not None
+    batches: list[_DecodeBatch | _GatherBatch] = []
+    for seq_list, max_q in _plan_batches(q_lens.tolist()):
+        seq_ids = torch.tensor(seq_list, dtype=torch.long, device=device)
+        token_ids = (q_starts[seq_ids, None] + torch.arange(max_q, device=device)).clamp(max=query.shape[0] - 1)
+        if token_order is not None:
+            token_ids = token_order[token_ids]
+        valid = torch.arange(max_q, device=device) < q_lens[seq_ids, None]  # [n, max_q]
+        if max_q <= IN_PLACE_MAX_QUERIES and in_place:
+            decode = plan_decode(q_lens[seq_ids], block_tables[seq_ids], seq_lens[seq_ids], first_keys[seq_ids],
+                                 max_q, block_size, num_heads // num_kv_heads, causal)
+            if decode is not None:
+                batches.append(_DecodeBatch(token_ids, valid, token_ids[valid], decode))
+                continue
+        # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
+        max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size
+        chunk = _batch_chunk_size(max_q, max_keys, num_heads, num_kv_heads, head_dim)
+        for begin in range(0, len(seq_list), chunk):
+            ids = seq_ids[begin : begin + chunk]
+            part = slice(begin, begin + chunk)
+            batches.append(_plan_gather(token_ids[part], valid[part], block_tables[ids], seq_lens[ids], q_lens[ids],
+                                        first_keys[ids], block_size, num_heads // num_kv_heads, causal))
+    return AttentionPlan(tuple(batches))
 
+
+def _plan_gather(
+    token_ids: torch.Tensor,  # int64 [n, max_q]
+    valid: torch.Tensor,  # bool [n, max_q]
+    block_tables: torch.Tensor,  # int32 [n, max_blocks] (rows of this batch)
+    seq_lens: torch.Tensor,  # int64 [n]
+    q_lens: torch.Tensor,  # int64 [n]
+    first_keys: torch.Tensor,  # int64 [n]
+    block_size: int,
+    group: int,
+    causal: bool,
+) -> _GatherBatch:
+    n, max_q = token_ids.shape
+    device = token_ids.device
     # Gather only the blocks that hold keys in [first_key, seq_len).
     first_blocks = first_keys // block_size
-    num_needed = (seq_lens + block_size - 1) // block_size - first_blocks
-    num_gathered = max(int(num_needed.max()), 1)
+    num_gathered = max(int(((seq_lens + block_size - 1) // block_size - first_blocks).max()), 1)
     block_ids = (first_blocks[:, None] + torch.arange(num_gathered, device=device)).clamp(
         max=block_tables.shape[1] - 1
     )
     blocks = torch.gather(block_tables.long(), 1, block_ids)  # [n, num_gathered]
     num_keys = num_gathered * block_size
-    keys = _gather_blocks(k_cache, blocks, "keys")  # [kv_heads, n, num_keys, D]
     key_pos = first_blocks[:, None] * block_size + torch.arange(num_keys, device=device)  # [n, num_keys]
-
-    rows = torch.arange(max_q, device=device)
-    row_valid = rows[None, :] < q_lens[:, None]  # [n, max_q]
-    token_ids = (q_starts[:, None] + rows).clamp(max=query.shape[0] - 1)  # [n, max_q]
-    # [n, max_q, H, D] -> [kv_heads, n, max_q * group, D]: the query heads sharing a KV head become rows
-    queries = query[token_ids].float().reshape(n, max_q, num_kv_heads, group, head_dim)
-    queries = queries.permute(2, 0, 1, 3, 4).reshape(num_kv_heads, n, max_q * group, head_dim)
-
     allowed = (key_pos >= first_keys[:, None]) & (key_pos < seq_lens[:, None])  # [n, num_keys]
     allowed = allowed[:, None, :].expand(n, max_q, num_keys)
     if causal:
-        q_pos = seq_lens[:, None] - q_lens[:, None] + rows  # [n, max_q]
+        q_pos = seq_lens[:, None] - q_lens[:, None] + torch.arange(max_q, device=device)  # [n, max_q]
         allowed = allowed & (key_pos[:, None, :] <= q_pos[:, :, None])
-    allowed = allowed[:, :, None, :].expand(n, max_q, group, num_keys).reshape(n, max_q * group, num_keys)
+    masked = ~allowed & valid[:, :, None]  # padding rows are discarded: no need to mask them
+    masked_columns = torch.nonzero(masked.any(dim=1).any(dim=0))
+    if masked_columns.numel() == 0:
+        return _GatherBatch(token_ids, valid, token_ids[valid], blocks, num_keys, None)
+    mask_from = int(masked_columns[0])
+    mask = masked[:, :, None, mask_from:].expand(n, max_q, group, num_keys - mask_from)
+    return _GatherBatch(token_ids, valid, token_ids[valid], blocks, mask_from,
+                        mask.reshape(n, max_q * group, num_keys - mask_from))
 
+
+def _attend_gathered(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    batch: _GatherBatch,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [m, H, D], lse float32 [m, H] for the batch's real rows
+    """Attention of n sequences padded to max_q queries, their K/V gathered by block; a base-2 softmax with the
+    scale and log2(e) applied to the queries."""
+    n, max_q = batch.token_ids.shape
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = _gather_blocks(k_cache, batch.blocks, "keys")  # [kv_heads, n, num_keys, D]
+    # [n, max_q, H, D] -> [kv_heads, n, max_q * group, D]: the query heads sharing a KV head become rows
+    queries = (query[batch.token_ids].float() * (scale * LOG2_E)).view(n, max_q, num_kv_heads, group, head_dim)
+    queries = queries.permute(2, 0, 1, 3, 4).reshape(num_kv_heads, n, max_q * group, head_dim)
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv_heads, n, max_q * group, num_keys]
-    scores.mul_(scale).masked_fill_(~allowed, float("-inf"))
+    if batch.mask is not None:
+        scores[..., batch.mask_from:].masked_fill_(batch.mask, float("-inf"))
     row_max = scores.amax(dim=-1)  # [kv_heads, n, max_q * group]
-    # A row that saw no key has max -inf; subtract 0 instead so its probabilities are exp(-inf) = 0.
+    # A row that saw no key has max -inf; subtract 0 instead so its probabilities are exp2(-inf) = 0.
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
-    probs = scores.sub_(row_max[..., None]).exp_()  # unnormalised: one exp pass, no logsumexp
+    probs = scores.sub_(row_max[..., None]).exp2_()  # unnormalised: one exp pass, no logsumexp
     denominator = probs.sum(dim=-1)  # [kv_heads, n, max_q * group]
-    values = _gather_blocks(v_cache, blocks, "values")  # [kv_heads, n, num_keys, D]
+    values = _gather_blocks(v_cache, batch.blocks, "values")  # [kv_heads, n, num_keys, D]
     out = torch.matmul(probs, values)  # [kv_heads, n, max_q * group, D]
     out /= denominator.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # rows without keys stay 0
-    lse = torch.where(denominator > 0, row_max + denominator.log(), float("-inf"))
+    lse = torch.where(denominator > 0, (row_max + denominator.log2()) * LN_2, float("-inf"))
 
     out = out.reshape(num_kv_heads, n, max_q, group, head_dim).permute(1, 2, 0, 3, 4).reshape(n, max_q, num_heads, -1)
     lse = lse.reshape(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)
-    return token_ids[row_valid], out[row_valid], lse[row_valid]
+    return out[batch.valid], lse[batch.valid]
 
 
 def _batch_chunk_size(max_q: int, num_keys: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
@@ -207,41 +292,31 @@ def paged_attention_with_lse(
     scale: float,
     kv_start: torch.Tensor | None = None,  # int32 [num_seqs], first key position attended (default 0)
     causal: bool = True,
+    plan: AttentionPlan | None = None,  # plan_attention(...) of these arguments, reused across layers
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
     """Partial paged attention over keys [kv_start, seq_len) (and <= the query position when causal)."""
     check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    plan = plan or plan_attention(query, k_cache, block_tables, seq_lens, query_start_loc, kv_start, causal)
+    return _run_plan(query, k_cache, v_cache, scale, plan)
+
+
+def _run_plan(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    plan: AttentionPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
     num_tokens, num_heads, head_dim = query.shape
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
-    q_starts = query_start_loc[:-1].long()
-    q_lens = query_start_loc[1:].long() - q_starts
-    first_keys = torch.zeros_like(q_lens) if kv_start is None else kv_start.long()
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    k_heads_major, v_heads_major = heads_major_view(k_cache), heads_major_view(v_cache)
-    for seq_list, max_q in _plan_batches(q_lens.tolist()):
-        seq_ids = torch.tensor(seq_list, dtype=torch.long, device=query.device)
-        if max_q <= IN_PLACE_MAX_QUERIES and k_heads_major is not None and v_heads_major is not None:
-            token_ids = (q_starts[seq_ids, None] + torch.arange(max_q, device=query.device)).clamp(
-                max=num_tokens - 1)  # [n, max_q]
-            decoded = decode_in_place(query[token_ids], q_lens[seq_ids], k_heads_major, v_heads_major,
-                                      block_tables[seq_ids], seq_lens[seq_ids].long(), first_keys[seq_ids], scale,
-                                      causal)
-            if decoded is not None:
-                valid = torch.arange(max_q, device=query.device) < q_lens[seq_ids, None]  # [n, max_q]
-                rows = token_ids[valid]
-                out[rows], lse[rows] = decoded[0][valid], decoded[1][valid]
-                continue
-        # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
-        max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size
-        chunk = _batch_chunk_size(max_q, max_keys, num_heads, num_kv_heads, head_dim)
-        for begin in range(0, len(seq_list), chunk):
-            ids = seq_ids[begin : begin + chunk]
-            token_ids, chunk_out, chunk_lse = _attend_batch(
-                query, k_cache, v_cache, block_tables[ids], seq_lens[ids].long(), q_starts[ids], q_lens[ids],
-                first_keys[ids], max_q, scale, causal,
-            )
-            out[token_ids] = chunk_out
-            lse[token_ids] = chunk_lse
+    for batch in plan.batches:
+        if isinstance(batch, _DecodeBatch):
+            decoded_out, decoded_lse = decode_in_place(query[batch.token_ids], batch.decode,
+                                                       heads_major_view(k_cache), heads_major_view(v_cache), scale)
+            out[batch.rows], lse[batch.rows] = decoded_out[batch.valid], decoded_lse[batch.valid]
+        else:
+            out[batch.rows], lse[batch.rows] = _attend_gathered(query, k_cache, v_cache, batch, scale)
     return out, lse
 
 
@@ -293,17 +368,33 @@ def cascade_attention(
         seq_prefix_ids,
     )
     plan = plan or plan_cascade(query_start_loc, prefix_lens, seq_prefix_ids, query.shape[0])
-    # Tokens without a prefix sort last, outside every segment: they come back with out 0 and lse -inf.
-    grouped_out, grouped_lse = paged_attention_with_lse(
-        query[plan.token_order], k_cache, v_cache, prefix_block_tables, prefix_lens, plan.prefix_query_start_loc,
-        scale, causal=False,
-    )
-    prefix_out = torch.empty_like(grouped_out)
-    prefix_lse = torch.empty_like(grouped_lse)
-    prefix_out[plan.token_order] = grouped_out
-    prefix_lse[plan.token_order] = grouped_lse
-    suffix_out, suffix_lse = paged_attention_with_lse(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, kv_start=plan.suffix_starts
-    )
+    prefix_plan, suffix_plan = _cascade_attention_plans(query, k_cache, block_tables, seq_lens, query_start_loc,
+                                                        prefix_block_tables, prefix_lens, plan)
+    # Tokens without a prefix are in no prefix segment: they keep out 0 and lse -inf.
+    prefix_out, prefix_lse = _run_plan(query, k_cache, v_cache, scale, prefix_plan)
+    suffix_out, suffix_lse = _run_plan(query, k_cache, v_cache, scale, suffix_plan)
     out, _ = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
     return out.to(query.dtype)
+
+
+def _cascade_attention_plans(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    prefix_block_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    plan: CascadePlan,
+) -> tuple[AttentionPlan, AttentionPlan]:
+    """The prefix pass's and the suffix pass's attention plans, built by the first layer that asks and kept in
+    the cascade plan's memo for the other layers of the step (they differ only in the cache geometry)."""
+    key = ("torch", tuple(query.shape[1:]), tuple(k_cache.shape[1:]), heads_major_view(k_cache) is not None)
+    plans = plan.memo.get(key)
+    if plans is None:
+        # The prefix pass reads the query rows of each prefix's branches in place through token_order.
+        plans = (plan_attention(query, k_cache, prefix_block_tables, prefix_lens, plan.prefix_query_start_loc,
+                                causal=False, token_order=plan.token_order),
+                 plan_attention(query, k_cache, block_tables, seq_lens, query_start_loc, kv_start=plan.suffix_starts))
+        plan.memo[key] = plans
+    return plans

@@ -80,6 +80,25 @@ def test_greedy_parity_with_the_triton_kernels_in_the_interpreter(tmp_path):
     assert (checked, mismatched) == (2 * 2 * 9, 0)
 
 
+def test_lm_head_rows_are_zero_padded_to_a_multiple_of_64_and_logits_unchanged():
+    """The padded lm_head (a faster GEMM shape) gives bitwise the logits of the checkpoint's own weight."""
+    from engine.models.llama import LlamaConfig, LlamaForCausalLM, rms_norm
+
+    config = LlamaConfig(vocab_size=1523, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=generator) for name, shape in config.weight_shapes().items()}
+    model = LlamaForCausalLM(config)
+    model.load_hf_weights(weights)
+    assert model.lm_head.weight.shape == (1536, 32) and not model.lm_head.weight[1523:].any()
+    hidden = torch.randn(5, 32, generator=generator)
+    with torch.inference_mode():
+        logits = model.compute_logits(hidden)
+    expected = torch.nn.functional.linear(rms_norm(hidden, weights["model.norm.weight"], config.rms_norm_eps),
+                                          weights["lm_head.weight"])
+    assert logits.shape == (5, 1523) and torch.equal(logits, expected)
+
+
 def test_sampled_tokens_stay_in_their_ranges(tiny_checkpoint, tiny_layout):
     engine = make_engine(tiny_checkpoint)
     (state,) = engine.create_states([start_state(tiny_layout, 0)])

@@ -138,15 +138,25 @@ def test_a_batch_cut_into_one_sequence_chunks_gives_the_same_answer(monkeypatch)
 
 
 def decode_args(batch, kv_start: list[int] | None = None, causal: bool = True) -> tuple:
-    """decode_in_place's arguments for a batch: queries padded to the longest segment, heads-major caches."""
+    """plan_decode's arguments for a batch: queries padded to the longest segment."""
     n = batch.block_tables.shape[0]
     q_starts = batch.query_start_loc[:-1].long()
     q_lens = batch.query_start_loc[1:].long() - q_starts
-    token_ids = (q_starts[:, None] + torch.arange(int(q_lens.max()))).clamp(max=batch.query.shape[0] - 1)
     first_keys = torch.zeros(n, dtype=torch.long) if kv_start is None else torch.tensor(kv_start)
-    return (batch.query[token_ids], q_lens, heads_major(batch.k_cache).permute(2, 0, 1, 3),
-            heads_major(batch.v_cache).permute(2, 0, 1, 3), batch.block_tables, batch.seq_lens.long(), first_keys,
-            batch.scale, causal)
+    group = batch.query.shape[1] // batch.k_cache.shape[2]
+    return (q_lens, batch.block_tables, batch.seq_lens.long(), first_keys, int(q_lens.max()), batch.k_cache.shape[1],
+            group, causal)
+
+
+def padded_queries(batch) -> torch.Tensor:  # [n, max_q, num_heads, head_dim]
+    q_starts = batch.query_start_loc[:-1].long()
+    max_q = int((batch.query_start_loc[1:].long() - q_starts).max())
+    return batch.query[(q_starts[:, None] + torch.arange(max_q)).clamp(max=batch.query.shape[0] - 1)]
+
+
+def decode(batch, plan: torch_decode.DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch_decode.decode_in_place(padded_queries(batch), plan, heads_major(batch.k_cache).permute(2, 0, 1, 3),
+                                        heads_major(batch.v_cache).permute(2, 0, 1, 3), batch.scale)
 
 
 def valid_rows(batch, padded: torch.Tensor) -> torch.Tensor:
@@ -164,8 +174,9 @@ def test_decode_in_place_matches_reference_out_and_lse(kv_start, causal):
     start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32)
     expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args(), kv_start=start,
                                                                     causal=causal)
-    decoded = torch_decode.decode_in_place(*decode_args(batch, kv_start, causal))
-    assert decoded is not None
+    plan = torch_decode.plan_decode(*decode_args(batch, kv_start, causal))
+    assert plan is not None
+    decoded = decode(batch, plan)
     out, lse = valid_rows(batch, decoded[0]), valid_rows(batch, decoded[1])
     torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
@@ -180,8 +191,8 @@ def test_decode_in_place_declines_shared_and_sparse_blocks():
     args = list(decode_args(batch))
 
     def run(tables: list[list[int]], seq_lens: list[int], first_keys: list[int]):
-        args[4:7] = torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens), torch.tensor(first_keys)
-        return torch_decode.decode_in_place(*args)
+        args[1:4] = torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens), torch.tensor(first_keys)
+        return torch_decode.plan_decode(*args)
 
     assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [0, 0]) is None  # both read the shared blocks 1 and 2
     assert run([[1, 2, 3], [1, 2, 4]], [9, 11], [8, 8]) is not None  # the private suffixes only: blocks 3, 4
@@ -196,3 +207,53 @@ def test_gather_buffers_serve_calls_in_and_out_of_inference_mode():
     with torch.inference_mode():
         inside = torch_attention.paged_attention(*batch.attention_args())
     torch.testing.assert_close(torch_attention.paged_attention(*batch.attention_args()), inside, atol=0, rtol=0)
+
+
+def test_decode_in_place_recomputes_rows_that_underflow_under_the_global_shift(monkeypatch):
+    """One sequence's scores sit ~1,000 below another's: shifted by the global maximum its sum underflows to 0,
+    so the call is redone with per-row maxima and still matches the reference; without that redo it cannot."""
+    batch = make_batch([independent((9, 1), (7, 1))], block_size=4, num_kv_heads=1, group_size=2, head_dim=8,
+                       seed=5, spare_blocks=0)
+    batch.k_cache.fill_(1.0)  # every key is the ones vector: a query 40 * (+-1) scores +-113 against each
+    batch.query[0], batch.query[1] = 40.0, -40.0
+    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args())
+    plan = torch_decode.plan_decode(*decode_args(batch))
+    out, lse = decode(batch, plan)
+    assert float(lse[0].max() - lse[1].max()) * torch_decode.LOG2_E > 200  # far beyond float32's 2^-126
+    torch.testing.assert_close(valid_rows(batch, out), expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(valid_rows(batch, lse), expected_lse, atol=2e-4, rtol=2e-5)
+    monkeypatch.setattr(torch_decode, "MIN_GLOBAL_SHIFT_SUM", 0.0)  # never redo: sequence 1 comes back empty
+    out, lse = decode(batch, plan)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and lse[1].tolist() == [[float("-inf")] * 2]
+
+
+def test_gather_plan_masks_only_the_key_columns_some_real_row_may_not_see():
+    """The non-causal prefix pass of prefixes 8 and 12 keys long (block size 4): columns 0-7 are seen by every
+    row and left unmasked; only the 8-11 columns of the shorter prefix's rows are masked."""
+    query = torch.zeros(5, 4, 8)  # 3 queries on prefix 0, 2 on prefix 1; 4 heads on 2 kv heads
+    k_cache = torch.zeros(6, 4, 2, 8)  # NHD: gathered (a heads-major cache would be read in place)
+    block_tables = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    plan = torch_attention.plan_attention(query, k_cache, block_tables, torch.tensor([8, 12], dtype=torch.int32),
+                                          torch.tensor([0, 3, 5], dtype=torch.int32), causal=False)
+    (batch,) = plan.batches
+    assert batch.blocks.tolist() == [[4, 1, 0], [2, 5, 3]]
+    assert batch.token_ids.tolist() == [[0, 1, 2], [3, 4, 4]] and batch.rows.tolist() == [0, 1, 2, 3, 4]
+    assert batch.mask_from == 8 and batch.mask.shape == (2, 6, 4)
+    assert batch.mask[0].all() and not batch.mask[1].any()  # padding row 2 of prefix 1 is not masked either
+
+
+def test_cascade_builds_its_attention_plans_once_per_batch_and_geometry():
+    """The first layer's call fills the cascade plan's memo; the next layers reuse it and answer the same."""
+    batch = make_batch([shared(13, (20, 3), (14, 1), (30, 1)), shared(16, (17, 1))], 16, 2, 3, head_dim=8, seed=6)
+    batch.k_cache, batch.v_cache = heads_major(batch.k_cache), heads_major(batch.v_cache)
+    plan = torch_attention.plan_cascade(batch.query_start_loc, batch.prefix_lens, batch.seq_prefix_ids,
+                                        batch.query.shape[0])
+    first = torch_attention.cascade_attention(*batch.cascade_args(), plan=plan)
+    (plans,) = plan.memo.values()
+    second = torch_attention.cascade_attention(*batch.cascade_args(), plan=plan)
+    assert torch.equal(first, second) and len(plan.memo) == 1 and next(iter(plan.memo.values())) is plans
+    torch.testing.assert_close(first, reference.paged_attention(*batch.attention_args()), **TOLERANCES[torch.float32])
+    nhd = make_batch([shared(13, (20, 3), (14, 1), (30, 1)), shared(16, (17, 1))], 16, 2, 3, head_dim=8, seed=6)
+    torch.testing.assert_close(torch_attention.cascade_attention(*nhd.cascade_args(), plan=plan), first,
+                               **TOLERANCES[torch.float32])
+    assert len(plan.memo) == 2  # the NHD cache is planned apart: it is gathered, never read in place
