@@ -43,8 +43,11 @@ def store_kv(
     check_store_kv_inputs(key, value, k_cache, v_cache, slot_mapping)
     block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    for cache, rows in ((k_cache, key[valid]), (v_cache, value[valid])):
+    if bool(valid.all()):  # the engine's batches have no padding: skip the masked copies
+        slots, keys, values = slot_mapping, key, value
+    else:
+        slots, keys, values = slot_mapping[valid], key[valid], value[valid]
+    for cache, rows in ((k_cache, keys), (v_cache, values)):
         heads_major = heads_major_view(cache)
         if heads_major is None:
             cache[slots // block_size, slots % block_size] = rows
@@ -139,6 +142,7 @@ class _DecodeBatch:
     valid: torch.Tensor  # bool [n, max_q]
     rows: torch.Tensor  # int64 [m]: token_ids[valid]
     decode: DecodePlan
+    every_token_in_order: bool  # one query per sequence and token_ids = 0..num_tokens-1: no gather, no scatter
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,9 @@ def plan_attention(
             decode = plan_decode(q_lens[seq_ids], block_tables[seq_ids], seq_lens[seq_ids], first_keys[seq_ids],
                                  max_q, block_size, num_heads // num_kv_heads, causal)
             if decode is not None:
-                batches.append(_DecodeBatch(token_ids, valid, token_ids[valid], decode))
+                in_order = max_q == 1 and token_ids.shape[0] == query.shape[0] and bool(
+                    (token_ids[:, 0] == torch.arange(query.shape[0], device=device)).all())
+                batches.append(_DecodeBatch(token_ids, valid, token_ids[valid], decode, in_order))
                 continue
         # The widest key span any sequence of the batch gathers (a cascade suffix gathers only its tail).
         max_keys = int((seq_lens[seq_ids] - first_keys[seq_ids] // block_size * block_size).max()) + block_size
@@ -308,6 +314,10 @@ def _run_plan(
     plan: AttentionPlan,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out float32 [num_tokens, num_heads, head_dim], lse float32
     num_tokens, num_heads, head_dim = query.shape
+    if len(plan.batches) == 1 and isinstance(plan.batches[0], _DecodeBatch) and plan.batches[0].every_token_in_order:
+        decoded_out, decoded_lse = decode_in_place(query[:, None], plan.batches[0].decode, heads_major_view(k_cache),
+                                                   heads_major_view(v_cache), scale)
+        return decoded_out.view(num_tokens, num_heads, head_dim), decoded_lse.view(num_tokens, num_heads)
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=query.device)
     for batch in plan.batches:

@@ -134,7 +134,7 @@ def decode_in_place(
     # and log2(e) are applied to the (small) queries rather than to the scores.
     grouped = torch.zeros(num_kv_heads, n + 1, max_q, plan.group, head_dim, dtype=torch.float32,
                           device=queries.device)
-    grouped[:, :n] = queries.view(n, max_q, num_kv_heads, plan.group, head_dim).permute(2, 0, 1, 3, 4)
+    grouped[:, :n] = queries.reshape(n, max_q, num_kv_heads, plan.group, head_dim).permute(2, 0, 1, 3, 4)
     grouped.mul_(scale * LOG2_E)
     block_queries = torch.index_select(grouped.view(num_kv_heads, n + 1, plan.rows, head_dim), 1, plan.owner)
     keys = k_heads_major[:, plan.low:plan.high]  # [kv_heads, span, block_size, D]

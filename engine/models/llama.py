@@ -170,11 +170,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q [T, heads, d], k [T, kv_heads, d], positions int64 [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, head_dim] of positions int64 [T]: looked up once per step, shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] rotated by cos/sin [T, 1, d] (transformers' formula, so the same rounding)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -197,16 +200,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, k_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(rms_norm(x, self.input_layernorm, self.eps))  # [T, (heads + 2 kv_heads) * d]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, q_size + kv_size:].reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        dispatch.store_kv(k.contiguous(), v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend)
+        # q and k heads are adjacent in each row: one RoPE pass over [T, heads + kv_heads, d] rotates both.
+        qk = apply_rotary(qkv[:, :q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads,
+                                                         self.head_dim), *rope_tables)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        dispatch.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.backend)
         if meta.seq_prefix_ids is not None:
             attn = dispatch.cascade_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                               meta.query_start_loc, meta.prefix_block_tables, meta.prefix_lens,
@@ -218,7 +222,7 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.o_proj(attn.reshape(num_tokens, q_size))
         gate_up = self.gate_up_proj(rms_norm(x, self.post_attention_layernorm, self.eps))  # [T, 2 * inter]
         gate, up = gate_up.chunk(2, dim=-1)
-        return x + self.down_proj(nn.functional.silu(gate) * up)
+        return x + self.down_proj(nn.functional.silu(gate).mul_(up))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -239,8 +243,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: int64 [num_tokens]; kv_caches [layers, 2, blocks, block_size, kv_heads, d].
         Returns final-normed hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope_tables = self.rope.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rope, kv_caches[i, 0], kv_caches[i, 1], meta)
+            x = layer(x, rope_tables, kv_caches[i, 0], kv_caches[i, 1], meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
