@@ -15,9 +15,10 @@ span; `plan_decode` returns None otherwise and the caller gathers instead. The p
 batch layout, so a step builds it once and every layer reuses it.
 
 The softmax runs in base 2 (exp2 is ~2.4x faster than exp on this CPU; log2(e) is folded into the
-query scale) and shifts all scores of a call by their one global maximum instead of each row's own:
-that saves a per-row max over 16-key blocks and its scatter, and is exact unless a row's scores sit so
-far below the global maximum that its sum underflows; such a call is recomputed with per-row maxima.
+query scale) and, rather than shifting each row by its own maximum (a max over 16-key blocks and its
+scatter, each a pass), first shifts by nothing: any shift gives the same softmax, and float32 keeps full
+precision unless a row's sum overflows or underflows, which is checked on the small per-row sums. A call
+where that happened is redone shifted by its global maximum, then by per-row maxima (exact).
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ import torch
 # The id range read is processed whole, owned or not: beyond this many blocks per owned block, gather.
 MAX_SPAN_PER_OWNED_BLOCK = 2.0
 LOG2_E = 1.0 / math.log(2.0)
-# A row whose sum of 2^(score - global max) is below this is recomputed with its own maximum: its largest
-# term is then < 2^-100, and terms 2^-24 smaller (still significant in float32) would be denormal.
-MIN_GLOBAL_SHIFT_SUM = 2.0**-100
+# The shifts tried in turn until the sums stay in range: none (scores in base 2 rarely leave [-30, 30], so
+# 2^score neither overflows nor underflows), the call's global maximum, then each row's own maximum (exact).
+SHIFTS = ("none", "global", "rows")
+# A row whose shifted sum is below this is redone with the next shift: its largest term is then < 2^-100,
+# and terms 2^-24 smaller (still significant in float32) would be denormal.
+MIN_SHIFTED_SUM = 2.0**-100
+# Above this (or not finite), a sum or a weighted value may have lost precision to overflow: next shift.
+MAX_SHIFTED_SUM = 2.0**100
 
 
 @dataclass(frozen=True)
@@ -139,10 +145,12 @@ def decode_in_place(
     block_queries = torch.index_select(grouped.view(num_kv_heads, n + 1, plan.rows, head_dim), 1, plan.owner)
     keys = k_heads_major[:, plan.low:plan.high]  # [kv_heads, span, block_size, D]
     values = v_heads_major[:, plan.low:plan.high]
-    shift = None  # the global maximum; per-row maxima when it underflows some row
-    for _ in range(2):
+    for shift_kind in SHIFTS:
         scores = _masked_scores(block_queries, keys, plan)  # [kv_heads, span, rows, block_size], base 2
-        if shift is None:
+        if shift_kind == "none":
+            shift = torch.zeros((), device=queries.device)
+            probs = scores.exp2_()
+        elif shift_kind == "global":
             shift = scores.max()
             if torch.isinf(shift):  # nothing attended anywhere
                 shift = torch.zeros((), device=queries.device)
@@ -151,7 +159,7 @@ def decode_in_place(
             shift = _row_maxima(scores, plan)  # [kv_heads, n + 1, rows]
             probs = scores.sub_(shift[:, plan.owner, :, None]).exp2_()
         seq_sum, weighted = _reduce_by_sequence(probs, values, plan)
-        if shift.dim() or not bool(((seq_sum[:, :n] < MIN_GLOBAL_SHIFT_SUM) & _row_mask(plan.has_keys, plan)).any()):
+        if shift_kind == "rows" or _sums_in_range(seq_sum[:, :n], weighted[:, :n], plan):
             break
     seq_sum, weighted = seq_sum[:, :n], weighted[:, :n]
     seq_shift = shift[:, :n] if shift.dim() else shift
@@ -164,6 +172,19 @@ def decode_in_place(
         out[~plan.valid_query] = 0.0
         lse[~plan.valid_query] = float("-inf")
     return out, lse
+
+
+def _sums_in_range(
+    seq_sum: torch.Tensor,  # float32 [kv_heads, n, rows]
+    weighted: torch.Tensor,  # float32 [kv_heads, n, rows, D]
+    plan: DecodePlan,
+) -> bool:
+    """Whether a shifted softmax kept full float32 precision for every real row: no sum or weighted value
+    overflowed, and every row with keys summed to at least MIN_SHIFTED_SUM."""
+    valid = _row_mask(plan.valid_query, plan)
+    underflow = (seq_sum < MIN_SHIFTED_SUM) & _row_mask(plan.has_keys, plan)
+    overflow = ((seq_sum > MAX_SHIFTED_SUM) & valid) | ~torch.isfinite(weighted).all(dim=3)
+    return not bool((underflow | overflow).any())
 
 
 def _row_mask(per_query: torch.Tensor, plan: DecodePlan) -> torch.Tensor:  # bool [1, n, rows]

@@ -209,20 +209,32 @@ def test_gather_buffers_serve_calls_in_and_out_of_inference_mode():
     torch.testing.assert_close(torch_attention.paged_attention(*batch.attention_args()), inside, atol=0, rtol=0)
 
 
-def test_decode_in_place_recomputes_rows_that_underflow_under_the_global_shift(monkeypatch):
-    """One sequence's scores sit ~1,000 below another's: shifted by the global maximum its sum underflows to 0,
-    so the call is redone with per-row maxima and still matches the reference; without that redo it cannot."""
+def test_decode_in_place_shifts_scores_only_when_the_sums_leave_the_float32_range(monkeypatch):
+    """Ordinary scores are exponentiated unshifted, in one pass. Scores of +-163 (base 2) overflow unshifted;
+    shifted by the global maximum, the negative sequence's sum underflows to 0; the call ends on per-row
+    maxima and matches the reference. Stopping at the global shift would report that sequence empty."""
+    passes = []
+    masked_scores = torch_decode._masked_scores
+    monkeypatch.setattr(torch_decode, "_masked_scores", lambda *args: passes.append(1) or masked_scores(*args))
     batch = make_batch([independent((9, 1), (7, 1))], block_size=4, num_kv_heads=1, group_size=2, head_dim=8,
                        seed=5, spare_blocks=0)
+    plan = torch_decode.plan_decode(*decode_args(batch))
+    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args())
+    out, lse = decode(batch, plan)
+    assert len(passes) == 1
+    torch.testing.assert_close(valid_rows(batch, out), expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(valid_rows(batch, lse), expected_lse, atol=2e-5, rtol=2e-5)
+
     batch.k_cache.fill_(1.0)  # every key is the ones vector: a query 40 * (+-1) scores +-113 against each
     batch.query[0], batch.query[1] = 40.0, -40.0
     expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args())
-    plan = torch_decode.plan_decode(*decode_args(batch))
+    passes.clear()
     out, lse = decode(batch, plan)
+    assert len(passes) == 3
     assert float(lse[0].max() - lse[1].max()) * torch_decode.LOG2_E > 200  # far beyond float32's 2^-126
     torch.testing.assert_close(valid_rows(batch, out), expected_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(valid_rows(batch, lse), expected_lse, atol=2e-4, rtol=2e-5)
-    monkeypatch.setattr(torch_decode, "MIN_GLOBAL_SHIFT_SUM", 0.0)  # never redo: sequence 1 comes back empty
+    monkeypatch.setattr(torch_decode, "SHIFTS", ("none", "global"))
     out, lse = decode(batch, plan)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and lse[1].tolist() == [[float("-inf")] * 2]
 
