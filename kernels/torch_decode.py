@@ -56,6 +56,7 @@ class DecodePlan:
     masked: torch.Tensor  # int64 [m]: flat indices into one kv head's scores [span, rows, block_size] to mask
     valid_query: torch.Tensor  # bool [n, max_q]: query index < q_len
     has_keys: torch.Tensor  # bool [n, max_q]: a valid query that attends to at least one key
+    rows_without_keys: torch.Tensor  # bool [1, n, rows]: ~has_keys in the [kv_heads, n, rows] order of the sums
 
     @property
     def rows(self) -> int:
@@ -122,7 +123,8 @@ def plan_decode(
     masked = masked[:, :, None, :].expand(-1, max_q, group, block_size).reshape(-1, max_q * group * block_size)
     pair, within = torch.nonzero(masked, as_tuple=True)
     flat = (block_ids[pair] - low) * (max_q * group * block_size) + within
-    return DecodePlan(n, max_q, group, low, high, owner, flat, valid_query, has_keys)
+    rows_without_keys = ~has_keys[:, :, None].expand(-1, -1, group).reshape(1, n, max_q * group)
+    return DecodePlan(n, max_q, group, low, high, owner, flat, valid_query, has_keys, rows_without_keys)
 
 
 def decode_in_place(
@@ -179,17 +181,12 @@ def _sums_in_range(
     weighted: torch.Tensor,  # float32 [kv_heads, n, rows, D]
     plan: DecodePlan,
 ) -> bool:
-    """Whether a shifted softmax kept full float32 precision for every real row: no sum or weighted value
-    overflowed, and every row with keys summed to at least MIN_SHIFTED_SUM."""
-    valid = _row_mask(plan.valid_query, plan)
-    underflow = (seq_sum < MIN_SHIFTED_SUM) & _row_mask(plan.has_keys, plan)
-    overflow = ((seq_sum > MAX_SHIFTED_SUM) & valid) | ~torch.isfinite(weighted).all(dim=3)
-    return not bool((underflow | overflow).any())
-
-
-def _row_mask(per_query: torch.Tensor, plan: DecodePlan) -> torch.Tensor:  # bool [1, n, rows]
-    """A [n, max_q] query mask broadcast over the group's heads, in the [kv_heads, n, rows] order."""
-    return per_query[:, :, None].expand(-1, -1, plan.group).reshape(1, plan.num_seqs, plan.rows)
+    """Whether a shifted softmax kept full float32 precision: no sum or weighted value overflowed, and every
+    row with keys summed to at least MIN_SHIFTED_SUM. (Padding rows are checked too: a false alarm only
+    costs a redo.)"""
+    smallest = seq_sum.masked_fill(plan.rows_without_keys, 1.0).min()
+    # One reduction finds any inf/nan among the weighted values (a finite overflow of the total is a false alarm).
+    return bool((smallest >= MIN_SHIFTED_SUM) & (seq_sum.max() <= MAX_SHIFTED_SUM) & weighted.sum().isfinite())
 
 
 def _masked_scores(
