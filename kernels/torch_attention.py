@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .prefix_groups import CascadePlan, plan_cascade
-from .torch_decode import LOG2_E, DecodePlan, decode_in_place, plan_decode
+from .torch_decode import LOG2_E, DecodePlan, decode_in_place, plan_decode, sums_in_range
 from .validation import check_attention_inputs, check_cascade_inputs, check_merge_inputs, check_store_kv_inputs
 
 # Segments with at most this many queries are batched together (decode steps, cascade prefix groups).
@@ -155,6 +155,7 @@ class _GatherBatch:
     blocks: torch.Tensor  # int64 [n, num_gathered]: the blocks holding keys [first_key, seq_len)
     mask_from: int  # key columns before this one are allowed for every real query row
     mask: torch.Tensor | None  # bool [n, max_q * group, num_keys - mask_from], True = masked; None: no mask
+    rows_without_keys: torch.Tensor  # bool [1, n, max_q * group]: padding rows and real rows that see no key
 
 
 @dataclass(frozen=True)
@@ -238,14 +239,15 @@ def _plan_gather(
     if causal:
         q_pos = seq_lens[:, None] - q_lens[:, None] + torch.arange(max_q, device=device)  # [n, max_q]
         allowed = allowed & (key_pos[:, None, :] <= q_pos[:, :, None])
+    rows_without_keys = ~(allowed.any(dim=2) & valid)[:, :, None].expand(n, max_q, group).reshape(1, n, -1)
     masked = ~allowed & valid[:, :, None]  # padding rows are discarded: no need to mask them
     masked_columns = torch.nonzero(masked.any(dim=1).any(dim=0))
     if masked_columns.numel() == 0:
-        return _GatherBatch(token_ids, valid, token_ids[valid], blocks, num_keys, None)
+        return _GatherBatch(token_ids, valid, token_ids[valid], blocks, num_keys, None, rows_without_keys)
     mask_from = int(masked_columns[0])
     mask = masked[:, :, None, mask_from:].expand(n, max_q, group, num_keys - mask_from)
     return _GatherBatch(token_ids, valid, token_ids[valid], blocks, mask_from,
-                        mask.reshape(n, max_q * group, num_keys - mask_from))
+                        mask.reshape(n, max_q * group, num_keys - mask_from), rows_without_keys)
 
 
 def _attend_gathered(
@@ -265,18 +267,25 @@ def _attend_gathered(
     # [n, max_q, H, D] -> [kv_heads, n, max_q * group, D]: the query heads sharing a KV head become rows
     queries = (query[batch.token_ids].float() * (scale * LOG2_E)).view(n, max_q, num_kv_heads, group, head_dim)
     queries = queries.permute(2, 0, 1, 3, 4).reshape(num_kv_heads, n, max_q * group, head_dim)
-    scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv_heads, n, max_q * group, num_keys]
-    if batch.mask is not None:
-        scores[..., batch.mask_from:].masked_fill_(batch.mask, float("-inf"))
-    row_max = scores.amax(dim=-1)  # [kv_heads, n, max_q * group]
-    # A row that saw no key has max -inf; subtract 0 instead so its probabilities are exp2(-inf) = 0.
-    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
-    probs = scores.sub_(row_max[..., None]).exp2_()  # unnormalised: one exp pass, no logsumexp
-    denominator = probs.sum(dim=-1)  # [kv_heads, n, max_q * group]
     values = _gather_blocks(v_cache, batch.blocks, "values")  # [kv_heads, n, num_keys, D]
-    out = torch.matmul(probs, values)  # [kv_heads, n, max_q * group, D]
+    for shift_rows in (False, True):  # unshifted first, as in kernels/torch_decode.py; row maxima if out of range
+        scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv_heads, n, max_q * group, num_keys]
+        if batch.mask is not None:
+            scores[..., batch.mask_from:].masked_fill_(batch.mask, float("-inf"))
+        if shift_rows:
+            shift = scores.amax(dim=-1)  # [kv_heads, n, max_q * group]
+            # A row that saw no key has max -inf; subtract 0 instead so its probabilities are exp2(-inf) = 0.
+            shift = torch.where(torch.isinf(shift), 0.0, shift)
+            probs = scores.sub_(shift[..., None]).exp2_()  # unnormalised
+        else:
+            shift = torch.zeros((), device=query.device)
+            probs = scores.exp2_()
+        denominator = probs.sum(dim=-1)  # [kv_heads, n, max_q * group]
+        out = torch.matmul(probs, values)  # [kv_heads, n, max_q * group, D]
+        if shift_rows or sums_in_range(denominator, out, batch.rows_without_keys):
+            break
     out /= denominator.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # rows without keys stay 0
-    lse = torch.where(denominator > 0, (row_max + denominator.log2()) * LN_2, float("-inf"))
+    lse = torch.where(denominator > 0, (shift + denominator.log2()) * LN_2, float("-inf"))
 
     out = out.reshape(num_kv_heads, n, max_q, group, head_dim).permute(1, 2, 0, 3, 4).reshape(n, max_q, num_heads, -1)
     lse = lse.reshape(num_kv_heads, n, max_q, group).permute(1, 2, 0, 3).reshape(n, max_q, num_heads)

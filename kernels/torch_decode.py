@@ -161,7 +161,7 @@ def decode_in_place(
             shift = _row_maxima(scores, plan)  # [kv_heads, n + 1, rows]
             probs = scores.sub_(shift[:, plan.owner, :, None]).exp2_()
         seq_sum, weighted = _reduce_by_sequence(probs, values, plan)
-        if shift_kind == "rows" or _sums_in_range(seq_sum[:, :n], weighted[:, :n], plan):
+        if shift_kind == "rows" or sums_in_range(seq_sum[:, :n], weighted[:, :n], plan.rows_without_keys):
             break
     seq_sum, weighted = seq_sum[:, :n], weighted[:, :n]
     seq_shift = shift[:, :n] if shift.dim() else shift
@@ -176,17 +176,17 @@ def decode_in_place(
     return out, lse
 
 
-def _sums_in_range(
-    seq_sum: torch.Tensor,  # float32 [kv_heads, n, rows]
-    weighted: torch.Tensor,  # float32 [kv_heads, n, rows, D]
-    plan: DecodePlan,
+def sums_in_range(
+    sums: torch.Tensor,  # float32 [kv_heads, n, rows]: each row's sum of 2^(score - shift)
+    weighted: torch.Tensor,  # float32 [kv_heads, n, rows, D]: each row's sum of 2^(score - shift) * value
+    rows_without_keys: torch.Tensor,  # bool, broadcast to [kv_heads, n, rows]: rows allowed to sum to 0
 ) -> bool:
     """Whether a shifted softmax kept full float32 precision: no sum or weighted value overflowed, and every
     row with keys summed to at least MIN_SHIFTED_SUM. (Padding rows are checked too: a false alarm only
     costs a redo.)"""
-    smallest = seq_sum.masked_fill(plan.rows_without_keys, 1.0).min()
+    smallest = sums.masked_fill(rows_without_keys, 1.0).min()
     # One reduction finds any inf/nan among the weighted values (a finite overflow of the total is a false alarm).
-    return bool((smallest >= MIN_SHIFTED_SUM) & (seq_sum.max() <= MAX_SHIFTED_SUM) & weighted.sum().isfinite())
+    return bool((smallest >= MIN_SHIFTED_SUM) & (sums.max() <= MAX_SHIFTED_SUM) & weighted.sum().isfinite())
 
 
 def _masked_scores(
@@ -220,7 +220,9 @@ def _reduce_by_sequence(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # sum [kv_heads, n + 1, rows], weighted values [kv_heads, n + 1, rows, D]
     num_kv_heads, span, rows, _ = probs.shape
     head_dim = values.shape[3]
-    block_sums = probs.sum(dim=3)  # [kv_heads, span, rows]
+    # A matrix-vector product with ones sums the 16-key rows ~2x faster than .sum(dim=3) on this CPU (measured).
+    ones = torch.ones(probs.shape[3], device=probs.device)
+    block_sums = torch.mv(probs.view(-1, probs.shape[3]), ones).view(probs.shape[:3])  # [kv_heads, span, rows]
     partial = torch.empty(num_kv_heads, span, rows, head_dim, device=probs.device)
     seq_sum = torch.zeros(num_kv_heads, plan.num_seqs + 1, rows, device=probs.device)
     weighted = torch.zeros(num_kv_heads, plan.num_seqs + 1, rows, head_dim, device=probs.device)

@@ -269,3 +269,19 @@ def test_cascade_builds_its_attention_plans_once_per_batch_and_geometry():
     torch.testing.assert_close(torch_attention.cascade_attention(*nhd.cascade_args(), plan=plan), first,
                                **TOLERANCES[torch.float32])
     assert len(plan.memo) == 2  # the NHD cache is planned apart: it is gathered, never read in place
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scores_beyond_the_float32_range_of_exp2_are_redone_with_row_maxima(layout):
+    """Scores of +-113 (+-163 in base 2) overflow or underflow unshifted, in the gathered and the in-place path;
+    the redo with each row's maximum matches the reference."""
+    batch = make_batch([independent((9, 1), (7, 3), (12, 12))], block_size=4, num_kv_heads=1, group_size=2,
+                       head_dim=8, seed=8)
+    batch.k_cache.fill_(1.0)
+    batch.query[:] = 40.0
+    batch.query[1:4] = -40.0
+    batch.k_cache, batch.v_cache = LAYOUTS[layout](batch.k_cache), LAYOUTS[layout](batch.v_cache)
+    expected_out, expected_lse = reference.paged_attention_with_lse(*batch.attention_args())
+    out, lse = torch_attention.paged_attention_with_lse(*batch.attention_args())
+    torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-4, rtol=2e-5)
