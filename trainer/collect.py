@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import MANIFEST_NAME, DatasetMeta, Episode, EpisodeWriter, read_manifest
+from trainer.data import MANIFEST_NAME, DatasetMeta, Episode, EpisodeRecorder, EpisodeWriter, read_manifest
 
 # The expert's random stream is derived from the episode seed but kept apart from the env's.
 EXPERT_SEED_STREAM = 1
@@ -74,31 +74,11 @@ def record_episode(env, expert, seed: int, max_steps: int | None = None, post_su
         raise ValueError(f"the env truncates at max_steps={env.config.max_steps}, before max_steps={limit} plus "
                          f"post_success_steps={post_success_steps}")
     obs, info = env.reset(seed=seed)
-    frames = {view: [obs[view]] for view in ("head", "wrist")}
-    actions, success = [], [bool(info["success"])]
-    first_success = 0 if success[0] else None  # actions taken when success first latched
-    while True:
-        action = expert.act(obs)
-        obs, _, terminated, truncated, info = env.step(action)
-        for view in frames:
-            frames[view].append(obs[view])
-        actions.append(action)
-        success.append(bool(info["success"]))
-        if first_success is None and success[-1]:
-            first_success = len(actions)
-        if first_success is not None and len(actions) - first_success >= post_success_steps:
-            break
-        if (first_success is None and len(actions) >= limit) or terminated or truncated:
-            break
-    return Episode(
-        head=np.stack(frames["head"]),  # [T+1, H, W, 3]
-        wrist=np.stack(frames["wrist"]),  # [T+1, H, W, 3]
-        actions=np.asarray(actions, dtype=np.float32),  # [T, 4]
-        success=np.asarray(success, dtype=bool),  # [T+1]
-        instruction=info["instruction"],
-        task=info["task"],
-        seed=seed,
-    )
+    recorder = EpisodeRecorder(obs, info["instruction"], info["task"], seed, limit, post_success_steps,
+                               success_at_reset=bool(info["success"]))
+    while not recorder.done:
+        obs, _ = recorder.step_chunk(env, expert.act(obs)[None])  # one action at a time: the expert is closed-loop
+    return recorder.finish()
 
 
 # ---- worker processes: one env + expert each, built once --------------------------------------------

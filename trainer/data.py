@@ -296,3 +296,57 @@ class EpisodeDataset:
         flat = rng.integers(0, self.num_start_states, size=n)
         episode_ids = np.searchsorted(self._state_offsets, flat, side="right") - 1
         return [(int(e), int(f - self._state_offsets[e])) for e, f in zip(episode_ids, flat, strict=True)]
+
+
+class EpisodeRecorder:
+    """Steps a chunk one action at a time and keeps every frame, for the replay buffer.
+
+    The recording ends `post_success_steps` steps after the first success (the env must then run on after
+    success: terminate_on_success=False), or after `max_steps` steps without success.
+    """
+
+    def __init__(self, obs: dict[str, np.ndarray], instruction: str, task: str, seed: int, max_steps: int,
+                 post_success_steps: int = 0, success_at_reset: bool = False) -> None:
+        if post_success_steps < 0:
+            raise ValueError(f"post_success_steps must be >= 0, got {post_success_steps}")
+        self.frames = {view: [obs[view]] for view in VIEWS}
+        self.actions: list[np.ndarray] = []
+        self.success = [success_at_reset]
+        self.instruction, self.task, self.seed = instruction, task, seed
+        self.max_steps, self.post_success_steps = max_steps, post_success_steps
+        self.success_step: int | None = 0 if success_at_reset else None  # actions taken when success first latched
+        self._env_over = False
+
+    @property
+    def done(self) -> bool:
+        if self._env_over:
+            return True
+        if self.success_step is not None:
+            return len(self.actions) - self.success_step >= self.post_success_steps
+        return len(self.actions) >= self.max_steps
+
+    @property
+    def outcome_steps(self) -> int:
+        """Steps until the episode's outcome was decided (post-success steps excluded)."""
+        return len(self.actions) if self.success_step is None else self.success_step
+
+    def step_chunk(self, env, actions: np.ndarray) -> tuple[dict, dict]:
+        """Steps the rows of `actions` [k, 4] until the chunk or the recording ends; returns (obs, info)."""
+        obs, info = None, {}
+        for action in actions:
+            if self.done:
+                break
+            obs, _, terminated, truncated, info = env.step(action)
+            for view in VIEWS:
+                self.frames[view].append(obs[view])
+            self.actions.append(np.asarray(action, dtype=np.float32))
+            self.success.append(bool(info["success"]))
+            if self.success_step is None and info["success"]:
+                self.success_step = len(self.actions)
+            self._env_over = terminated or truncated
+        return obs, info
+
+    def finish(self) -> Episode:
+        return Episode(head=np.stack(self.frames["head"]), wrist=np.stack(self.frames["wrist"]),
+                       actions=np.stack(self.actions), success=np.asarray(self.success, dtype=bool),
+                       instruction=self.instruction, task=self.task, seed=self.seed)
