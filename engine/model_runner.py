@@ -6,8 +6,6 @@ The runner owns the model and the KV tensors; it never sees the block pool, only
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from dataclasses import dataclass
 from itertools import chain
 
@@ -16,6 +14,7 @@ import torch
 
 from kernels import dispatch
 
+from .host_memory import retain_freed_host_memory
 from .models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM
 from .prefix_sharing import shared_prefix_groups
 from .sampler import DecodingPlan, SamplingBatch, sample, yes_probability
@@ -30,27 +29,6 @@ class RunnerOutput:
 
     sampled: np.ndarray  # int64 [num_sampled]
     success_probs: np.ndarray  # float32 [num_sampled]: P(<yes>) over {<yes>, <no>} at this position
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
-
-
-def retain_freed_host_memory() -> bool:
-    """Serve large host allocations from the heap, never trim it, and keep threads that allocate from now on
-    (AsyncEngine's step thread) in the main arena (glibc only; a no-op elsewhere). Returns whether the
-    allocator accepted the settings.
-
-    A thread with an arena of its own gets 64 MiB heaps that are unmapped when they empty, so its per-step
-    buffers fault their pages in afresh: measured on a served engine thread (32 x 16 x 2 run), 31M minor page
-    faults and 62 s of system time beside 134 s of user time; the served W ran at 59.8% of in-process.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        return all(bool(libc.mallopt(param, value)) for param, value in
-                   ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
-    except (OSError, AttributeError, TypeError):
-        return False
 
 
 def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

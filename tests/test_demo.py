@@ -27,7 +27,8 @@ def checkpoint(tmp_path_factory):
 def test_demo_runs_every_stage_and_caches(checkpoint, tmp_path, capsys):
     config = DemoConfig(checkpoint=checkpoint, cache_dir=tmp_path / "cache", run_dir=tmp_path / "run",
                         demo_episodes=6, sft_steps=2, buffer_episodes=2, eval_episodes=1, iterations=1,
-                        num_start_states=2, horizon_chunks=1, updates_per_refill=1, minibatch_size=2, workers=1)
+                        num_start_states=2, horizon_chunks=1, updates_per_refill=1, minibatch_size=2, workers=1,
+                        critic_warmup_steps=2)
     summary = run_demo(config)
     out = capsys.readouterr().out
     assert "| SFT | " in out and "| SFT + VLA-MBPO | " in out and "server SERVING on 127.0.0.1:" in out

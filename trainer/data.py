@@ -255,14 +255,13 @@ class EpisodeDataset:
         self._cache_size = max(1, cache_episodes)
         # Start states are (episode, t) with t in [0, num_steps]: num_steps + 1 per episode.
         self._num_states = np.array([e["num_steps"] + 1 for e in self.episodes], dtype=np.int64)
-        self._state_offsets = np.concatenate([[0], np.cumsum(self._num_states)])
 
     def __len__(self) -> int:
         return len(self.episodes)
 
     @property
     def num_start_states(self) -> int:
-        return int(self._state_offsets[-1])
+        return int(self._num_states.sum())
 
     def load(self, i: int) -> Episode:
         """Episode i, checked against its manifest entry."""
@@ -287,15 +286,22 @@ class EpisodeDataset:
         """The observation of episode i before action t: {view: uint8[H, W, 3]}."""
         return self.load(i).observation(t)
 
-    def sample_start_states(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-        """n (episode, t) pairs drawn uniformly, with replacement, over every recorded observation."""
+    def sample_start_states(self, n: int, rng: np.random.Generator,
+                            states_per_episode: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """n (episode, t) pairs drawn uniformly, with replacement, over every recorded observation, or over the
+        first states_per_episode[e] observations of each episode e when given (int[num_episodes])."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        if self.num_start_states == 0:
+        counts = self._num_states if states_per_episode is None else np.asarray(states_per_episode, dtype=np.int64)
+        if counts.shape != self._num_states.shape or np.any(counts < 0) or np.any(counts > self._num_states):
+            raise ValueError(f"states_per_episode must hold one count in [0, num_steps + 1] per episode, got "
+                             f"{counts.tolist()[:8]} for {self._num_states.tolist()[:8]}")
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        if offsets[-1] == 0:
             raise DataError(f"{self.data_dir}: no episodes to sample start states from")
-        flat = rng.integers(0, self.num_start_states, size=n)
-        episode_ids = np.searchsorted(self._state_offsets, flat, side="right") - 1
-        return [(int(e), int(f - self._state_offsets[e])) for e, f in zip(episode_ids, flat, strict=True)]
+        flat = rng.integers(0, offsets[-1], size=n)
+        episode_ids = np.searchsorted(offsets, flat, side="right") - 1
+        return [(int(e), int(f - offsets[e])) for e, f in zip(episode_ids, flat, strict=True)]
 
 
 class EpisodeRecorder:

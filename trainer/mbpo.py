@@ -1,6 +1,7 @@
 """`vla-mbpo train`: VLA-MBPO, PPO on branched chunk rollouts imagined by the served world model.
 
-Each iteration: sample M start states uniformly over (episode, time step) of the real buffer; roll G
+First the critic is regressed on the real buffer's Monte-Carlo chunk returns (`--critic-warmup-steps`). Each
+iteration: sample M start states uniformly over (episode, time step) of the real buffer; roll G
 branches per state n chunks through the server; chunk-level GAE with critic bootstrap at the branch end;
 `updates_per_refill` PPO minibatch steps. The only real interaction is the buffer itself (its step count
 is logged as `real_env_steps`). Checkpoints (policy + optimiser + RNG) are written every iteration into
@@ -25,26 +26,49 @@ from trainer.config import EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import EpisodeDataset
 from trainer.imagination import ImaginedRollouts, Imaginer, StartState
 from trainer.policy import PolicyBatch, VlaPolicy, load_policy, make_batch, save_policy
-from trainer.ppo import PPOLearner, RolloutBatch, compute_gae, next_values_from
+from trainer.ppo import PPOLearner, RolloutBatch, compute_gae, monte_carlo_chunk_returns, next_values_from
 from trainer.rollout_client import WorldModelClient
 
 TRAINER_STATE = "trainer_state.pt"
 
 
 class StartStateSampler:
-    """Uniform (episode, t) start states from a recorded buffer, every episode kept in memory."""
+    """Uniform (episode, t) start states from a recorded buffer, every episode kept in memory.
+
+    Only observations where the task is not done yet are start states: a successful episode's success frame
+    and the frames filmed after it (`--post-success-steps`, for the world model's reward labels) would start
+    branches that are already finished. Every recorded step still counts as real interaction.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         probe = EpisodeDataset(data_dir)
         self.dataset = EpisodeDataset(data_dir, cache_episodes=max(1, len(probe)))
         self.real_env_steps = int(self.dataset.manifest["counts"]["steps"])
+        self.unfinished_states = np.array([_unfinished_observations(self.dataset.load(i).success)
+                                           for i in range(len(self.dataset))], dtype=np.int64)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[StartState]:
-        states = []
-        for episode_index, t in self.dataset.sample_start_states(n, rng):
-            episode = self.dataset.load(episode_index)
-            states.append(StartState(episode.instruction, episode.head[t], episode.wrist[t]))
-        return states
+        return [self._state(e, t) for e, t in self._draw(n, rng)]
+
+    def sample_with_returns(self, n: int, rng: np.random.Generator, chunk_size: int,
+                            gamma: float) -> tuple[list[StartState], np.ndarray]:
+        """n uniform start states and the discounted chunk return the buffer's own behaviour got from each
+        (trainer.ppo.monte_carlo_chunk_returns). -> (states, float32[n])"""
+        drawn = self._draw(n, rng)
+        returns = [monte_carlo_chunk_returns(self.dataset.load(e).success, chunk_size, gamma)[t] for e, t in drawn]
+        return [self._state(e, t) for e, t in drawn], np.asarray(returns, dtype=np.float32).reshape(n)
+
+    def _draw(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+        return self.dataset.sample_start_states(n, rng, self.unfinished_states)
+
+    def _state(self, episode_index: int, t: int) -> StartState:
+        episode = self.dataset.load(episode_index)
+        return StartState(episode.instruction, episode.head[t], episode.wrist[t])
+
+
+def _unfinished_observations(success: np.ndarray) -> int:
+    """How many leading observations of an episode come before its first success (all, without one)."""
+    return int(np.argmax(success)) if success.any() else int(success.shape[0])
 
 
 def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig,
@@ -120,6 +144,25 @@ class MBPOTrainer:
 
         return evaluate_in_training(self.policy, self.out_dir, self.eval_config, "mbpo", self.iteration)
 
+    def warm_up_critic(self) -> dict[str, float]:
+        """Regresses the critic on the real buffer's Monte-Carlo chunk returns before any imagined update.
+
+        A fresh critic (SFT never trains it) makes every advantage noise, and with a sparse success reward
+        that noise drowns the few imagined successes; the buffer's own outcomes are the honest first estimate.
+        """
+        config, chunk = self.config, self.policy.config.chunk_size
+        losses = []
+        for _ in range(config.critic_warmup_steps):
+            starts, returns = self.sampler.sample_with_returns(self.ppo.minibatch_size, self.rng, chunk, self.ppo.gamma)
+            batch = make_batch(np.stack([s.head for s in starts]), np.stack([s.wrist for s in starts]),
+                               [s.instruction for s in starts], self.policy.config)
+            losses.append(self.learner.fit_critic(batch, torch.from_numpy(returns)))
+        if not losses:
+            return {}
+        tail = losses[-max(1, len(losses) // 10):]
+        return {"critic_warmup/steps": len(losses), "critic_warmup/first_loss": losses[0],
+                "critic_warmup/final_loss": float(np.mean(tail))}
+
     def should_evaluate(self) -> bool:
         return self.eval_config is not None and (self.iteration % self.config.eval_every == 0
                                                  or self.iteration == self.config.iterations)
@@ -149,8 +192,12 @@ class MBPOTrainer:
     def train(self, progress: bool = True) -> VlaPolicy:
         from tqdm import tqdm
 
-        if self.iteration == 0 and self.eval_config is not None:
-            self.log({"iteration": 0, "real_env_steps": self.sampler.real_env_steps, **self.evaluate()})
+        if self.iteration == 0:
+            record = self.warm_up_critic()
+            if self.eval_config is not None:
+                record.update(self.evaluate())
+            if record:
+                self.log({"iteration": 0, "real_env_steps": self.sampler.real_env_steps, **record})
         bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="vla-mbpo", disable=not progress)
         while self.iteration < self.config.iterations:
             stats = self.run_iteration()
@@ -207,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward-threshold", type=float, default=m.reward_threshold)
     parser.add_argument("--policy-temperature", type=float, default=m.policy_temperature,
                         help="the trained policy is softmax(logits / T); T < 1 explores nearer the SFT mode")
+    parser.add_argument("--critic-warmup-steps", type=int, default=m.critic_warmup_steps,
+                        help="critic regression steps on the buffer's Monte-Carlo returns before the first update")
     add_ppo_arguments(parser)
     add_eval_arguments(parser, eval_every=m.eval_every, eval_episodes=m.eval_episodes)
     parser.add_argument("--seed", type=int, default=m.seed)
@@ -220,7 +269,7 @@ def main(argv: list[str]) -> int:
     config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
                         branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,
                         world_model_temperature=args.wm_temperature, reward_threshold=args.reward_threshold,
-                        policy_temperature=args.policy_temperature,
+                        policy_temperature=args.policy_temperature, critic_warmup_steps=args.critic_warmup_steps,
                         states_per_wave=args.states_per_wave, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed)
     ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)

@@ -2,12 +2,11 @@
 
 Each method is a list of runs (seeds) whose metrics.jsonl carry `iteration`, `real_env_steps` and, where
 evaluated, `real/success_mean`; seeds are averaged at equal x and the spread (min..max) is shaded.
-`python -m trainer.plots --run vla-mbpo=RUN1/metrics.jsonl --run vla-mbpo=RUN2/... --sft 0.41 --out DIR`.
+`vla-mbpo report` draws them beside its results table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -68,24 +67,3 @@ def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success
         plt.close(fig)
         written.append(out_dir / name)
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.plots", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", default=[], metavar="LABEL=METRICS_JSONL", required=True)
-    parser.add_argument("--sft", type=float, default=None, help="SFT success (fraction) as a reference line")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    runs: dict[str, list[Path]] = {}
-    for item in args.run:
-        label, _, path = item.partition("=")
-        if not path:
-            parser.error(f"--run needs LABEL=PATH, got {item!r}")
-        runs.setdefault(label, []).append(Path(path))
-    for path in plot_learning_curves(runs, args.out, args.sft):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -102,23 +102,55 @@ def sample_bins(logits: torch.Tensor, generator: torch.Generator | None, tempera
     return flat.reshape(probs.shape[:-1])
 
 
+class SpatialSoftmax(nn.Module):
+    """Expected image coordinates of each channel's softmax over positions (the keypoints of Levine et al.):
+    [N, K, h, w] -> [N, 2K] in [-1, 1]. Where a feature fires matters for grasping at pixel precision, and a
+    flattened or pooled map keeps that only coarsely."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        ys, xs = torch.meshgrid(torch.linspace(-1.0, 1.0, height), torch.linspace(-1.0, 1.0, width), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1), persistent=False)  # [hw, 2]
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        n, k = maps.shape[:2]
+        attention = F.softmax(maps.reshape(n, k, -1) * torch.exp(-self.log_temperature), dim=-1)  # [N, K, hw]
+        return (attention @ self.grid).reshape(n, 2 * k)
+
+
 class ImageEncoder(nn.Module):
-    """A strided CNN shared by all views: [N, H, W, 3] uint8 -> [N, image_feature_dim]."""
+    """A CNN shared by all views whose feature maps are modulated by the instruction (FiLM, as in RT-1), read
+    out as spatial-softmax keypoints plus mean-pooled features: [N, H, W, 3] uint8, [N, T] -> [N, image_feature_dim].
+
+    FiLM lets the instruction pick what the maps respond to (the named object among three), so the keypoints can
+    point at it; its projections start at zero, so a fresh encoder is an unconditioned CNN."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        self.convs = nn.ModuleList()
         in_channels = 3
         for out_channels in config.conv_channels:
-            layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            self.convs.append(nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1))
             in_channels = out_channels
-        self.convs = nn.Sequential(*layers)
+        for _ in range(config.refine_convs):
+            self.convs.append(nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1))
+        self.films = nn.ModuleList([nn.Linear(config.text_feature_dim, 2 * conv.out_channels) for conv in self.convs])
+        for film in self.films:
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
         side = config.image_size // (2 ** len(config.conv_channels))
-        self.project = nn.Linear(in_channels * side * side, config.image_feature_dim)
+        self.keypoint_maps = nn.Conv2d(in_channels, config.num_keypoints, kernel_size=1)
+        self.keypoints = SpatialSoftmax(side, side)
+        self.project = nn.Linear(2 * config.num_keypoints + in_channels, config.image_feature_dim)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0) - 0.5  # [N, 3, H, W]
-        return F.relu(self.project(self.convs(x).flatten(1)))
+        for conv, film in zip(self.convs, self.films, strict=True):
+            scale, shift = film(text_features).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)  # [N, C, 1, 1] each
+            x = F.relu(conv(x) * (1.0 + scale) + shift)
+        readout = torch.cat([self.keypoints(self.keypoint_maps(x)), x.mean(dim=(2, 3))], dim=-1)
+        return F.relu(self.project(readout))
 
 
 class InstructionEncoder(nn.Module):
@@ -162,10 +194,11 @@ class VlaPolicy(nn.Module):
     def features(self, batch: PolicyBatch) -> torch.Tensor:
         """Pooled trunk features. -> [B, hidden_dim]"""
         n = len(batch)
+        text = self.instruction_encoder(batch.instruction)  # [B, T]
         images = torch.cat([batch.head, batch.wrist], dim=0)  # [2B, H, W, 3]: one CNN pass for both views
-        image_features = self.image_encoder(images)  # [2B, F]
+        image_features = self.image_encoder(images, torch.cat([text, text], dim=0))  # [2B, F]
         per_view = torch.cat([image_features[:n], image_features[n:]], dim=-1)  # [B, 2F]
-        return self.trunk(torch.cat([per_view, self.instruction_encoder(batch.instruction)], dim=-1))
+        return self.trunk(torch.cat([per_view, text], dim=-1))
 
     def forward(self, batch: PolicyBatch) -> PolicyOutput:
         features = self.features(batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,24 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     mask = valid.to(values.dtype)
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def monte_carlo_chunk_returns(success: np.ndarray, chunk_size: int, gamma: float) -> np.ndarray:
+    """Discounted chunk-level return of every observation of one recorded episode, under the behaviour that
+    recorded it: reward 1 on the chunk that reaches the (latched) success, discounted per chunk, 0 without one.
+
+    success: bool[T+1] latched. Observation t < s (s = first success) is ceil((s - t) / chunk_size) chunks from
+    the success: return gamma**(chunks - 1); t >= s is already successful: the next chunk pays 1. -> float32[T+1]
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    returns = np.zeros(success.shape[0], dtype=np.float32)
+    if not success.any():
+        return returns
+    first = int(np.argmax(success))
+    chunks = np.maximum(1, -(-(first - np.arange(success.shape[0])) // chunk_size))  # ceil, >= 1
+    returns[:] = gamma ** (chunks - 1)
+    return returns
 
 
 def normalize_advantages(advantages: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -141,6 +160,20 @@ class PPOLearner:
                 totals[key] = totals.get(key, 0.0) + value
         self.policy.eval()
         return {key: value / self.config.updates_per_refill for key, value in totals.items()}
+
+    def fit_critic(self, observations: PolicyBatch, returns: torch.Tensor) -> float:
+        """One critic-only regression step (Huber, as in PPO, no value clipping) towards `returns` [N]; the
+        actor is untouched (the critic's stop-gradient leaves its parameters without gradients). Returns the loss.
+        """
+        self.policy.train()
+        values = self.policy(observations).values
+        loss = F.huber_loss(values, returns, delta=self.config.huber_delta)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic_params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.policy.eval()
+        return float(loss.detach())
 
     def _step(self, batch: RolloutBatch, idx: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
         out = self.policy(batch.observations.index(idx))

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.mbpo", "VLA-MBPO: PPO on imagined branched rollouts served over gRPC"),
     "train-online-ppo": ("trainer.online_ppo", "baseline: PPO directly in the real env"),
     "evaluate": ("trainer.evaluate", "real-env success rate of a policy per task"),
+    "report": ("trainer.report", "results table over methods and seeds (mean, spread) + learning-curve PNGs"),
     "bench": ("benchmarks", "run a benchmark: `vla-mbpo bench NAME [args]` (engine, server, kernels, env)"),
 }
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name == "bench":
         return run_benchmark(rest)
+    from engine.host_memory import retain_freed_host_memory
+
+    retain_freed_host_memory()  # every command's training or serving steps reuse their large CPU buffers
     module = importlib.import_module(commands[name][0])
     return int(module.main(rest) or 0)
 

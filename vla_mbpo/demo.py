@@ -37,14 +37,15 @@ class DemoConfig:
     checkpoint: Path = DEFAULT_CHECKPOINT
     cache_dir: Path = Path("~/.cache/vla-mbpo/demo")
     run_dir: Path = Path("runs/demo")
-    demo_episodes: int = 150
-    sft_steps: int = 1000
+    demo_episodes: int = 300
+    sft_steps: int = 2000
     buffer_episodes: int = 30
     eval_episodes: int = 30  # per task family, before and after
     iterations: int = 3
     num_start_states: int = 64  # a CPU-served world model imagines ~15 chunk rollouts/s on 2 cores at W's scale
     horizon_chunks: int = 2
     updates_per_refill: int = 20
+    critic_warmup_steps: int = 100
     minibatch_size: int = 256
     actor_lr: float = 1e-5
     workers: int = 2
@@ -154,6 +155,7 @@ def run_demo(config: DemoConfig) -> dict:
             policy, _ = load_policy(sft)
             mbpo = MBPOConfig(iterations=config.iterations, num_start_states=config.num_start_states,
                               horizon_chunks=config.horizon_chunks, seed=config.seed,
+                              critic_warmup_steps=config.critic_warmup_steps,
                               states_per_wave=min(256, config.num_start_states))
             ppo = PPOConfig(updates_per_refill=config.updates_per_refill, minibatch_size=config.minibatch_size,
                             actor_lr=config.actor_lr)
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/vla-mbpo/demo")
     parser.add_argument("--run-dir", type=Path, default=d.run_dir, help="where the table, plots and runs go")
     for name in ("demo_episodes", "sft_steps", "buffer_episodes", "eval_episodes", "iterations", "num_start_states",
-                 "horizon_chunks", "updates_per_refill", "minibatch_size", "workers", "seed"):
+                 "horizon_chunks", "updates_per_refill", "critic_warmup_steps", "minibatch_size", "workers", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     parser.add_argument("--actor-lr", type=float, default=d.actor_lr)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `vla-mbpo serve` argument")

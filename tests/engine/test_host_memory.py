@@ -6,14 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.model_runner import retain_freed_host_memory
+from engine.host_memory import retain_freed_host_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # In a fresh process (no thread has allocated yet): optionally apply the engine's host-memory settings, let
 # a new thread allocate, then count the malloc arenas in glibc's own report (one <heap nr=...> per arena).
 COUNT_ARENAS = """
 import ctypes, sys, threading
-from engine.model_runner import retain_freed_host_memory
+from engine.host_memory import retain_freed_host_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.fopen.restype = ctypes.c_void_p

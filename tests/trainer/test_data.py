@@ -87,6 +87,19 @@ def test_start_states_are_uniform_over_all_observations(tmp_path):
     assert all(isinstance(e, int) and isinstance(t, int) for e, t in again)
 
 
+def test_start_states_can_be_limited_to_a_prefix_of_each_episode(tmp_path):
+    write_dataset(tmp_path, [make_episode(1, seed=0), make_episode(3, seed=1)])
+    dataset = EpisodeDataset(tmp_path)
+    samples = dataset.sample_start_states(20_000, np.random.default_rng(0), states_per_episode=np.array([0, 3]))
+    states, counts = np.unique(np.array(samples), axis=0, return_counts=True)
+    assert [tuple(s) for s in states] == [(1, 0), (1, 1), (1, 2)]
+    np.testing.assert_allclose(counts / 20_000, 1 / 3, atol=0.015)
+    with pytest.raises(ValueError, match=r"states_per_episode must hold one count in \[0, num_steps \+ 1\]"):
+        dataset.sample_start_states(1, np.random.default_rng(0), states_per_episode=np.array([3, 3]))
+    with pytest.raises(DataError, match="no episodes to sample start states from"):
+        dataset.sample_start_states(1, np.random.default_rng(0), states_per_episode=np.array([0, 0]))
+
+
 def test_load_cache_is_bounded(tmp_path):
     write_dataset(tmp_path, [make_episode(1, seed=s) for s in range(4)])
     dataset = EpisodeDataset(tmp_path, cache_episodes=2)

@@ -48,15 +48,16 @@ def server(tmp_path_factory):
         yield process
 
 
-def test_start_states_are_uniform_over_every_recorded_observation(buffer_dir):
+def test_start_states_are_uniform_over_every_unfinished_observation(buffer_dir):
     sampler = StartStateSampler(buffer_dir)
     assert sampler.real_env_steps == sum(LENGTHS)
+    assert sampler.unfinished_states.tolist() == [4, 5, 5]  # episode 1's last observation is its success
     states = sampler.sample(6000, np.random.default_rng(0))
     codes = [int(s.head[0, 0, 0]) for s in states]
-    expected = {10 * i + t for i, n in enumerate(LENGTHS) for t in range(n + 1)}  # 15 observations
+    expected = {10 * i + t for i, n in enumerate(LENGTHS) for t in range(n + 1)} - {15}  # 14 observations
     assert set(codes) == expected
     counts = np.bincount(codes)[sorted(expected)]
-    assert counts.min() > 6000 / 15 * 0.8 and counts.max() < 6000 / 15 * 1.2
+    assert counts.min() > 6000 / 14 * 0.8 and counts.max() < 6000 / 14 * 1.2
     assert {s.instruction for s in states if s.head[0, 0, 0] // 10 == 1} == {INSTRUCTIONS[1]}
 
 
@@ -87,7 +88,8 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
     torch.manual_seed(0)
     policy = VlaPolicy(TINY)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
-    config = MBPOConfig(iterations=2, num_start_states=6, branches_per_state=2, horizon_chunks=2, states_per_wave=4)
+    config = MBPOConfig(iterations=2, num_start_states=6, branches_per_state=2, horizon_chunks=2, states_per_wave=4,
+                        critic_warmup_steps=0)
     ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3)
     with WorldModelClient(server.target) as client:
         trainer = MBPOTrainer(policy, client, StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
@@ -109,6 +111,29 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
                           tmp_path / "run", config, ppo)
     assert resumed.resume() and resumed.iteration == 2
     assert all(torch.equal(v, final.state_dict()[k]) for k, v in resumed.policy.state_dict().items())
+
+
+def test_critic_warm_up_on_buffer_returns_is_logged_before_the_first_iteration(server, buffer_dir, tmp_path):
+    torch.manual_seed(0)
+    config = MBPOConfig(iterations=1, num_start_states=4, horizon_chunks=1, critic_warmup_steps=3)
+    ppo = PPOConfig(updates_per_refill=1, minibatch_size=8)
+    with WorldModelClient(server.target) as client:
+        MBPOTrainer(VlaPolicy(TINY), client, StartStateSampler(buffer_dir), tmp_path / "run", config,
+                    ppo).train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1]
+    assert records[0]["critic_warmup/steps"] == 3 and records[0]["real_env_steps"] == 12
+    assert {"critic_warmup/first_loss", "critic_warmup/final_loss"} <= set(records[0])
+
+
+def test_start_state_returns_are_the_buffer_outcomes(buffer_dir):
+    """Episode 1 (5 steps) succeeds on its last observation: with k = 2 its t = 0..5 are 3, 2, 2, 1, 1 chunks
+    from it (t = 5 is the success: one chunk pays); the other episodes never succeed."""
+    states, returns = StartStateSampler(buffer_dir).sample_with_returns(3000, np.random.default_rng(0), 2, 0.5)
+    expected = {10 + t: 0.5 ** (c - 1) for t, c in enumerate([3, 2, 2, 1, 1, 1])}
+    for state, value in zip(states, returns, strict=True):
+        code = int(state.head[0, 0, 0])
+        assert value == expected.get(code, 0.0), code
 
 
 def test_branches_longer_than_the_model_window_continue_from_their_imagined_observation(server, buffer_dir):
@@ -140,10 +165,10 @@ def test_train_cli_refuses_to_overwrite_and_resumes(server, buffer_dir, tmp_path
     save_policy(VlaPolicy(TINY), tmp_path / "sft")
     args = ["--server", server.target, "--data", str(buffer_dir), "--policy", str(tmp_path / "sft"), "--out",
             str(tmp_path / "run"), "-M", "3", "-n", "1", "--updates-per-refill", "1", "--minibatch-size", "4",
-            "--no-progress"]
+            "--critic-warmup-steps", "2", "--no-progress"]
     assert main([*args, "--iterations", "1"]) == 0
     assert main([*args, "--iterations", "2"]) == 2
     assert "already holds a run; pass --resume or pick a new --out" in capsys.readouterr().err
     assert main([*args, "--iterations", "2", "--resume"]) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]  # 0: the critic warm-up

@@ -6,7 +6,9 @@ import torch
 
 from trainer.config import ConfigError, PolicyConfig
 from trainer.policy import (
+    ImageEncoder,
     PolicyInputError,
+    SpatialSoftmax,
     VlaPolicy,
     actions_to_bins,
     bins_to_actions,
@@ -85,6 +87,28 @@ def test_instruction_changes_the_action_distribution():
     assert not torch.allclose(logits[0], logits[1])
 
 
+def test_spatial_softmax_returns_the_coordinates_of_a_peak():
+    keypoints = SpatialSoftmax(height=3, width=5)
+    maps = torch.full((2, 2, 3, 5), -1e4)
+    maps[0, 0, 0, 0] = 0.0  # top-left corner
+    maps[0, 1, 2, 4] = 0.0  # bottom-right corner
+    maps[1, 0, 1, 2] = 0.0  # centre
+    maps[1, 1] = 0.0  # flat: the mean of the grid
+    out = keypoints(maps)
+    assert out.shape == (2, 4)
+    assert torch.allclose(out, torch.tensor([[-1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_fresh_film_encoder_ignores_the_instruction_until_trained():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(TINY)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    text_a, text_b = torch.zeros((3, TINY.text_feature_dim)), torch.randn((3, TINY.text_feature_dim))
+    assert torch.equal(encoder(images, text_a), encoder(images, text_b))  # zero-initialised FiLM = identity
+    torch.nn.init.normal_(encoder.films[1].weight)  # as training moves it
+    assert not torch.allclose(encoder(images, text_a), encoder(images, text_b))
+
+
 def test_critic_gradient_stops_at_the_backbone():
     policy = VlaPolicy(TINY)
     policy(tiny_batch(4)).values.sum().backward()
@@ -116,10 +140,12 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_policy_config_validation():
-    with pytest.raises(ConfigError, match="image_size 60 must be divisible by 2\\*\\*len\\(conv_channels\\)=16"):
-        PolicyConfig(image_size=60)
+    with pytest.raises(ConfigError, match="image_size 62 must be divisible by 2\\*\\*len\\(conv_channels\\)=4"):
+        PolicyConfig(image_size=62)
     with pytest.raises(ConfigError, match="num_bins must be >= 2, got 1"):
         PolicyConfig(num_bins=1)
+    with pytest.raises(ConfigError, match="refine_convs must be >= 0, got -1; num_keypoints must be >= 1, got 0"):
+        PolicyConfig(num_keypoints=0, refine_convs=-1)
 
 
 def test_act_log_probs_are_of_the_tempered_distribution():

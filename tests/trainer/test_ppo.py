@@ -1,11 +1,13 @@
 """Chunk-level GAE and the PPO losses on hand-computed cases (exact numbers)."""
 
+import numpy as np
 import pytest
 import torch
 
 from trainer.config import ConfigError, PolicyConfig, PPOConfig
 from trainer.policy import PolicyBatch, VlaPolicy, chunk_log_prob, encode_instructions
 from trainer.ppo import (
+    monte_carlo_chunk_returns,
     PPOLearner,
     RolloutBatch,
     compute_gae,
@@ -141,3 +143,28 @@ def test_learner_first_step_has_unit_ratio_under_the_same_temperature():
     batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
     stats = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4), temperature=0.5).update(batch)
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+
+
+def test_monte_carlo_chunk_returns_by_hand():
+    success = np.array([False] * 5 + [True, True])  # first success at observation 5
+    # chunks to the success from t = 0..6 with k = 2: 3, 2, 2, 1, 1, then already successful (1 chunk pays)
+    assert monte_carlo_chunk_returns(success, chunk_size=2, gamma=0.5).tolist() == [0.25, 0.5, 0.5, 1, 1, 1, 1]
+    assert monte_carlo_chunk_returns(np.zeros(4, dtype=bool), chunk_size=2, gamma=0.5).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        monte_carlo_chunk_returns(success, chunk_size=0, gamma=0.5)
+
+
+def test_fit_critic_regresses_values_and_leaves_the_actor_alone():
+    torch.manual_seed(0)
+    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
+                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+    policy = VlaPolicy(config)
+    obs = PolicyBatch(torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8),
+                      torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8),
+                      encode_instructions(["lift the cube"] * 8, config.max_instruction_bytes))
+    returns = t([1.0, 0.0] * 4)
+    actor_before = [p.detach().clone() for p in policy.actor_parameters()]
+    learner = PPOLearner(policy, PPOConfig(critic_lr=1e-2))
+    losses = [learner.fit_critic(obs, returns) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(actor_before, policy.actor_parameters(), strict=True))

@@ -1,0 +1,75 @@
+"""`vla-mbpo report`: exact per-seed, mean and spread values, SFT eval.json runs, plots, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trainer import report
+from trainer.plots import aggregate
+
+
+def write_training_run(path, finals, steps=29_000):
+    """A metrics.jsonl with evaluations at iterations 0 and 2 (the last one is the run's result)."""
+    path.mkdir(parents=True)
+    records = [{"iteration": 0, "real_env_steps": steps, "real/success_mean": 0.1, "real/success_lift": 0.1},
+               {"iteration": 1, "real_env_steps": steps, "ppo/actor_loss": 0.0},
+               {"iteration": 2, "real_env_steps": steps, "real/success_mean": sum(finals) / len(finals),
+                **{f"real/success_{f}": v for f, v in zip(("lift", "push", "place"), finals, strict=True)}}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_sft_eval(path, rates):
+    path.mkdir(parents=True)
+    (path / "eval.json").write_text(json.dumps({"success_rate": rates, "mean_success": sum(rates.values()) / 3}))
+    return path
+
+
+def test_report_table_has_exact_means_spreads_and_seeds(tmp_path):
+    runs = {"SFT": [write_sft_eval(tmp_path / "sft0", {"lift": 0.3, "push": 0.0, "place": 0.0}),
+                    write_sft_eval(tmp_path / "sft1", {"lift": 0.6, "push": 0.0, "place": 0.0})],
+            "VLA-MBPO": [write_training_run(tmp_path / f"m{i}", f) for i, f in
+                         enumerate([(0.3, 0.3, 0.3), (0.6, 0.3, 0.0), (0.9, 0.0, 0.0)])]}
+    summary = report.build_report(runs, tmp_path / "out", sft_label="SFT")
+    mbpo = summary["VLA-MBPO"]
+    assert mbpo["seeds"] == 3 and mbpo["real_env_steps"] == [29_000]
+    assert mbpo["success"]["mean"] == pytest.approx(0.3) and mbpo["success"]["std"] == pytest.approx(0.0)
+    assert mbpo["per_family"]["lift"]["mean"] == pytest.approx(0.6)
+    assert mbpo["per_family"]["lift"]["std"] == pytest.approx(0.3)  # sample std of 0.3, 0.6, 0.9
+    assert (mbpo["per_family"]["push"]["min"], mbpo["per_family"]["push"]["max"]) == (0.0, 0.3)
+    sft = summary["SFT"]
+    assert sft["success"]["mean"] == pytest.approx(0.15) and sft["real_env_steps"] == []
+    assert sft["success"]["std"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[0] == "| method | seeds | mean success % | lift | place | push | per seed | real env steps |"
+    assert table[2] == "| SFT | 2 | 15.0 +- 7.1 (10.0..20.0) | 45.0 | 0.0 | 0.0 | 10.0 / 20.0 | - |"
+    assert table[3] == "| VLA-MBPO | 3 | 30.0 +- 0.0 (30.0..30.0) | 60.0 | 10.0 | 20.0 | 30.0 / 30.0 / 30.0 | 29000 |"
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["VLA-MBPO"]["seeds"] == 3
+    for name in ("success_vs_iteration.png", "success_vs_real_steps.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_report_names_a_run_without_results(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(report.ReportError, match=f"{empty} has neither metrics.jsonl nor eval.json"):
+        report.read_run(empty)
+    unevaluated = tmp_path / "unevaluated"
+    unevaluated.mkdir()
+    (unevaluated / "metrics.jsonl").write_text(json.dumps({"iteration": 1}) + "\n")
+    with pytest.raises(report.ReportError, match="holds no evaluated record"):
+        report.read_run(unevaluated)
+
+
+def test_report_cli_rejects_a_malformed_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--run", "nolabel", "--out", str(tmp_path)])
+    assert "--run needs LABEL=DIR, got 'nolabel'" in capsys.readouterr().err
+
+
+def test_learning_curves_average_seeds_at_shared_points():
+    curves = [(np.array([0.0, 1.0, 2.0]), np.array([10.0, 20.0, 30.0])), (np.array([0.0, 2.0]), np.array([20.0, 50.0]))]
+    x, mean, low, high = aggregate(curves)
+    assert x.tolist() == [0.0, 2.0] and mean.tolist() == [15.0, 40.0]
+    assert low.tolist() == [10.0, 30.0] and high.tolist() == [20.0, 50.0]

@@ -1,0 +1,123 @@
+"""`vla-mbpo report`: the results table over methods and seeds, and the learning-curve PNGs.
+
+Each `--run LABEL=DIR` is one seed of one method. A training run (`vla-mbpo train`, `train-online-ppo`)
+contributes its last evaluated record of DIR/metrics.jsonl; a policy directory without one (an SFT
+checkpoint evaluated by `sft --eval-episodes` or `evaluate --out DIR/eval.json`) contributes DIR/eval.json.
+Per method: real success per seed, mean, sample std and min..max, per task family too, and the real env
+steps spent. Writes OUT/results.json, OUT/results.md and, for training runs, the learning curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trainer.plots import SUCCESS_KEY, plot_learning_curves, read_metrics
+
+FAMILY_PREFIX = "real/success_"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+class ReportError(ValueError):
+    """A run directory with no evaluated result; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The final real-env success of one seed of one method."""
+
+    run_dir: str
+    mean_success: float  # fraction over task families
+    success_rate: dict[str, float]  # family -> fraction
+    real_env_steps: int | None  # None for a policy that was not trained by RL (SFT)
+    iteration: int | None
+
+
+def read_run(run_dir: Path) -> RunResult:
+    """The last evaluated record of a training run, or a policy directory's eval.json."""
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        evaluated = [r for r in read_metrics(metrics) if SUCCESS_KEY in r]
+        if not evaluated:
+            raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}); train with --eval-episodes > 0")
+        last = evaluated[-1]
+        families = {k[len(FAMILY_PREFIX):]: float(v) for k, v in last.items()
+                    if k.startswith(FAMILY_PREFIX) and k != SUCCESS_KEY}
+        return RunResult(str(run_dir), float(last[SUCCESS_KEY]), families, int(last.get("real_env_steps", 0)),
+                         int(last.get("iteration", 0)))
+    evaluation = run_dir / EVAL_FILE
+    if evaluation.is_file():
+        data = json.loads(evaluation.read_text())
+        return RunResult(str(run_dir), float(data["mean_success"]), {k: float(v) for k, v in
+                                                                      data["success_rate"].items()}, None, None)
+    raise ReportError(f"{run_dir} has neither {METRICS_FILE} nor {EVAL_FILE}")
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one seed), min and max."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def method_summary(results: list[RunResult]) -> dict:
+    families = sorted(set.intersection(*[set(r.success_rate) for r in results]))
+    steps = {r.real_env_steps for r in results}
+    return {"seeds": len(results), "success": summarize([r.mean_success for r in results]),
+            "per_family": {f: summarize([r.success_rate[f] for r in results]) for f in families},
+            "real_env_steps": sorted(s for s in steps if s is not None), "runs": [asdict(r) for r in results]}
+
+
+def format_results(summary: dict[str, dict]) -> str:
+    """Markdown: one row per method, success % as mean +- std (min..max) over seeds, each seed's value."""
+    families = sorted({f for m in summary.values() for f in m["per_family"]})
+    lines = ["| method | seeds | mean success % | " + " | ".join(families) + " | per seed | real env steps |",
+             "|---" * (len(families) + 5) + "|"]
+    for label, m in summary.items():
+        s = m["success"]
+        cells = [f"{100 * m['per_family'][f]['mean']:.1f}" if f in m["per_family"] else "" for f in families]
+        per_seed = " / ".join(f"{100 * r['mean_success']:.1f}" for r in m["runs"])
+        steps = ", ".join(str(x) for x in m["real_env_steps"]) or "-"
+        lines.append(f"| {label} | {m['seeds']} | {100 * s['mean']:.1f} +- {100 * s['std']:.1f} "
+                     f"({100 * s['min']:.1f}..{100 * s['max']:.1f}) | " + " | ".join(cells) + f" | {per_seed} | {steps} |")
+    return "\n".join(lines)
+
+
+def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | None = None) -> dict[str, dict]:
+    """Reads every run, writes results.json/results.md and the learning curves; returns the summary."""
+    summary = {label: method_summary([read_run(d) for d in dirs]) for label, dirs in runs.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "results.md").write_text(format_results(summary) + "\n")
+    curves = {label: [d / METRICS_FILE for d in dirs] for label, dirs in runs.items()
+              if all((d / METRICS_FILE).is_file() for d in dirs)}
+    sft = summary[sft_label]["success"]["mean"] if sft_label in summary else None
+    if curves:
+        plot_learning_curves(curves, out_dir, sft)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vla-mbpo report", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", default=[], required=True, metavar="LABEL=DIR",
+                        help="one seed of one method; repeat the label for more seeds")
+    parser.add_argument("--sft-label", default="SFT", help="the label drawn as the reference line in the plots")
+    parser.add_argument("--out", type=Path, required=True, help="directory for results.json/.md and the PNGs")
+    args = parser.parse_args(argv)
+    runs: dict[str, list[Path]] = {}
+    for item in args.run:
+        label, _, path = item.partition("=")
+        if not label or not path:
+            parser.error(f"--run needs LABEL=DIR, got {item!r}")
+        runs.setdefault(label, []).append(Path(path))
+    try:
+        summary = build_report(runs, args.out, args.sft_label)
+    except ReportError as exc:
+        parser.error(str(exc))
+    print(format_results(summary))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+    return 0
