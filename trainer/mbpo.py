@@ -58,6 +58,17 @@ class StartStateSampler:
         returns = [monte_carlo_chunk_returns(self.dataset.load(e).success, chunk_size, gamma)[t] for e, t in drawn]
         return [self._state(e, t) for e, t in drawn], np.asarray(returns, dtype=np.float32).reshape(n)
 
+    def real_success_within(self, chunk_size: int, horizon_chunks: int) -> float:
+        """The fraction of the start states from which the buffer's own behaviour reached success within
+        horizon_chunks chunks: the real counterpart of imagine/success_rate, with the recorded behaviour in
+        place of the current policy (an episode that ended first counts as no success)."""
+        hits = 0
+        for e, unfinished in enumerate(self.unfinished_states):
+            success = self.dataset.load(e).success
+            reached = np.minimum(np.arange(unfinished) + horizon_chunks * chunk_size, success.shape[0] - 1)
+            hits += int(success[reached].sum())  # success is latched: reached by step t + h*k iff true there
+        return hits / int(self.unfinished_states.sum())
+
     def _draw(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         return self.dataset.sample_start_states(n, rng, self.unfinished_states)
 
@@ -193,11 +204,11 @@ class MBPOTrainer:
         from tqdm import tqdm
 
         if self.iteration == 0:
-            record = self.warm_up_critic()
+            record = {"buffer/real_success_within_horizon": self.sampler.real_success_within(
+                self.policy.config.chunk_size, self.config.horizon_chunks), **self.warm_up_critic()}
             if self.eval_config is not None:
                 record.update(self.evaluate())
-            if record:
-                self.log({"iteration": 0, "real_env_steps": self.sampler.real_env_steps, **record})
+            self.log({"iteration": 0, "real_env_steps": self.sampler.real_env_steps, **record})
         bar = tqdm(total=self.config.iterations, initial=self.iteration, desc="vla-mbpo", disable=not progress)
         while self.iteration < self.config.iterations:
             stats = self.run_iteration()

@@ -1,7 +1,7 @@
 """Learning curves as PNG: real success vs training iteration and vs real env steps, every method.
 
 Each method is a list of runs (seeds) whose metrics.jsonl carry `iteration`, `real_env_steps` and, where
-evaluated, `real/success_mean`; seeds are averaged at equal x and the spread (min..max) is shaded.
+evaluated, `real/success_mean`; seeds are averaged at equal iterations and the spread (min..max) is shaded.
 `vla-mbpo report` draws them beside its results table.
 """
 
@@ -20,19 +20,20 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def success_curve(records: list[dict], x_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, success %) of the evaluated records, sorted by x."""
-    points = sorted((r[x_key], 100.0 * r[SUCCESS_KEY]) for r in records if SUCCESS_KEY in r)
-    return np.array([p[0] for p in points], dtype=float), np.array([p[1] for p in points], dtype=float)
+def success_points(records: list[dict], x_key: str) -> dict[int, tuple[float, float]]:
+    """iteration -> (x, success %) of the evaluated records (the last one where an iteration has two)."""
+    return {int(r["iteration"]): (float(r[x_key]), 100.0 * r[SUCCESS_KEY]) for r in records if SUCCESS_KEY in r}
 
 
-def aggregate(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, min and max over seeds at every x that all seeds share. Returns (x, mean, low, high)."""
-    shared = sorted(set.intersection(*[set(x.tolist()) for x, _ in curves])) if curves else []
-    table = np.array([[y[np.flatnonzero(x == v)[-1]] for v in shared] for x, y in curves])  # [seeds, points]
+def aggregate(runs: list[dict[int, tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Over seeds, at every evaluated iteration that all seeds share: the mean x (seeds spend different real
+    env steps per iteration) and the mean, min and max success. Returns (x, mean, low, high)."""
+    shared = sorted(set.intersection(*[set(points) for points in runs])) if runs else []
     if not shared:
         return (np.zeros(0),) * 4
-    return np.array(shared), table.mean(0), table.min(0), table.max(0)
+    xs = np.array([[points[i][0] for i in shared] for points in runs])  # [seeds, points]
+    ys = np.array([[points[i][1] for i in shared] for points in runs])
+    return xs.mean(0), ys.mean(0), ys.min(0), ys.max(0)
 
 
 def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success: float | None = None) -> list[Path]:
@@ -48,7 +49,7 @@ def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success
                                  ("real_env_steps", "real env steps (control steps)", "success_vs_real_steps.png")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for label, paths in runs.items():
-            x, mean, low, high = aggregate([success_curve(read_metrics(p), x_key) for p in paths])
+            x, mean, low, high = aggregate([success_points(read_metrics(p), x_key) for p in paths])
             if x.size == 0:
                 continue
             seeds = f" ({len(paths)} seeds)" if len(paths) > 1 else ""

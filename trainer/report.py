@@ -1,8 +1,9 @@
 """`vla-mbpo report`: the results table over methods and seeds, and the learning-curve PNGs.
 
 Each `--run LABEL=DIR` is one seed of one method. A training run (`vla-mbpo train`, `train-online-ppo`)
-contributes its last evaluated record of DIR/metrics.jsonl; a policy directory without one (an SFT
-checkpoint evaluated by `sft --eval-episodes` or `evaluate --out DIR/eval.json`) contributes DIR/eval.json.
+contributes its last evaluated record of DIR/metrics.jsonl; a directory without one (an SFT policy, whose
+metrics.jsonl holds only its losses, evaluated by `sft --eval-episodes` or `evaluate --out DIR/eval.json`)
+contributes DIR/eval.json.
 Per method: real success per seed, mean, sample std and min..max, per task family too, and the real env
 steps spent. Writes OUT/results.json, OUT/results.md and, for training runs, the learning curves.
 """
@@ -40,20 +41,21 @@ class RunResult:
 def read_run(run_dir: Path) -> RunResult:
     """The last evaluated record of a training run, or a policy directory's eval.json."""
     metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        evaluated = [r for r in read_metrics(metrics) if SUCCESS_KEY in r]
-        if not evaluated:
-            raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}); train with --eval-episodes > 0")
+    evaluation = run_dir / EVAL_FILE
+    evaluated = [r for r in read_metrics(metrics) if SUCCESS_KEY in r] if metrics.is_file() else []
+    if evaluated:
         last = evaluated[-1]
         families = {k[len(FAMILY_PREFIX):]: float(v) for k, v in last.items()
                     if k.startswith(FAMILY_PREFIX) and k != SUCCESS_KEY}
         return RunResult(str(run_dir), float(last[SUCCESS_KEY]), families, int(last.get("real_env_steps", 0)),
                          int(last.get("iteration", 0)))
-    evaluation = run_dir / EVAL_FILE
     if evaluation.is_file():
         data = json.loads(evaluation.read_text())
         return RunResult(str(run_dir), float(data["mean_success"]), {k: float(v) for k, v in
                                                                       data["success_rate"].items()}, None, None)
+    if metrics.is_file():
+        raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}) and {run_dir} has no {EVAL_FILE}; "
+                          "train with --eval-episodes > 0 or run `vla-mbpo evaluate --out DIR/eval.json`")
     raise ReportError(f"{run_dir} has neither {METRICS_FILE} nor {EVAL_FILE}")
 
 
@@ -82,8 +84,8 @@ def format_results(summary: dict[str, dict]) -> str:
         cells = [f"{100 * m['per_family'][f]['mean']:.1f}" if f in m["per_family"] else "" for f in families]
         per_seed = " / ".join(f"{100 * r['mean_success']:.1f}" for r in m["runs"])
         steps = ", ".join(str(x) for x in m["real_env_steps"]) or "-"
-        lines.append(f"| {label} | {m['seeds']} | {100 * s['mean']:.1f} +- {100 * s['std']:.1f} "
-                     f"({100 * s['min']:.1f}..{100 * s['max']:.1f}) | " + " | ".join(cells) + f" | {per_seed} | {steps} |")
+        spread = f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} ({100 * s['min']:.1f}..{100 * s['max']:.1f})"
+        lines.append(f"| {label} | {m['seeds']} | {spread} | " + " | ".join(cells) + f" | {per_seed} | {steps} |")
     return "\n".join(lines)
 
 
@@ -94,7 +96,7 @@ def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | No
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "results.md").write_text(format_results(summary) + "\n")
     curves = {label: [d / METRICS_FILE for d in dirs] for label, dirs in runs.items()
-              if all((d / METRICS_FILE).is_file() for d in dirs)}
+              if all(r["iteration"] is not None for r in summary[label]["runs"])}
     sft = summary[sft_label]["success"]["mean"] if sft_label in summary else None
     if curves:
         plot_learning_curves(curves, out_dir, sft)
@@ -104,13 +106,13 @@ def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | No
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vla-mbpo report", description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", default=[], required=True, metavar="LABEL=DIR",
-                        help="one seed of one method; repeat the label for more seeds")
+                        help="one seed of one method (the last '=' ends the label); repeat the label for more seeds")
     parser.add_argument("--sft-label", default="SFT", help="the label drawn as the reference line in the plots")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json/.md and the PNGs")
     args = parser.parse_args(argv)
     runs: dict[str, list[Path]] = {}
     for item in args.run:
-        label, _, path = item.partition("=")
+        label, _, path = item.rpartition("=")  # the last "=": labels such as "VLA-MBPO n=2" keep theirs
         if not label or not path:
             parser.error(f"--run needs LABEL=DIR, got {item!r}")
         runs.setdefault(label, []).append(Path(path))

@@ -61,6 +61,15 @@ def test_start_states_are_uniform_over_every_unfinished_observation(buffer_dir):
     assert {s.instruction for s in states if s.head[0, 0, 0] // 10 == 1} == {INSTRUCTIONS[1]}
 
 
+def test_real_success_within_the_horizon_counts_the_buffer_outcomes(buffer_dir):
+    sampler = StartStateSampler(buffer_dir)
+    # 14 start states; only episode 1 succeeds, at t = 5: within 1 chunk (2 steps) from t = 3, 4, within 2
+    # from t = 1..4, within 3 from all 5 of its states; episodes 0 and 2 end without one.
+    assert sampler.real_success_within(2, 1) == 2 / 14
+    assert sampler.real_success_within(2, 2) == 4 / 14
+    assert sampler.real_success_within(2, 3) == 5 / 14
+
+
 def test_rollouts_to_batch_gae_and_masking_by_hand():
     # Branch 0 succeeds after chunk 0 (chunk 1 never taken); branch 1 runs both chunks and is bootstrapped.
     b, t = 2, 2
@@ -96,7 +105,10 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
         trainer.train(progress=False)
         stats = client.stats()
     assert stats.live_states == 0 and stats.kv_blocks_used == 0  # every created and kept state released
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    start_record, *records = [json.loads(line) for line in lines]
+    # no warm-up, no evaluation: iteration 0 holds the buffer's real success within the 2-chunk horizon only
+    assert start_record == {"iteration": 0, "real_env_steps": 12, "buffer/real_success_within_horizon": 4 / 14}
     assert [r["iteration"] for r in records] == [1, 2]
     assert all(r["imagine/branches"] == 12 and r["real_env_steps"] == 12 for r in records)
     # 12 branches: chunk 0 always, chunk 1 only for branches the model did not judge successful
@@ -123,6 +135,7 @@ def test_critic_warm_up_on_buffer_returns_is_logged_before_the_first_iteration(s
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1]
     assert records[0]["critic_warmup/steps"] == 3 and records[0]["real_env_steps"] == 12
+    assert records[0]["buffer/real_success_within_horizon"] == 2 / 14  # the counterpart of imagine/success_rate
     assert {"critic_warmup/first_loss", "critic_warmup/final_loss"} <= set(records[0])
 
 

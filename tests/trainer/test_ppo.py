@@ -7,10 +7,10 @@ import torch
 from trainer.config import ConfigError, PolicyConfig, PPOConfig
 from trainer.policy import PolicyBatch, VlaPolicy, chunk_log_prob, encode_instructions
 from trainer.ppo import (
-    monte_carlo_chunk_returns,
     PPOLearner,
     RolloutBatch,
     compute_gae,
+    monte_carlo_chunk_returns,
     next_values_from,
     normalize_advantages,
     ppo_actor_loss,

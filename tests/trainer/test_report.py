@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainer import report
-from trainer.plots import aggregate
+from trainer.plots import aggregate, success_points
 
 
 def write_training_run(path, finals, steps=29_000):
@@ -21,7 +21,9 @@ def write_training_run(path, finals, steps=29_000):
 
 
 def write_sft_eval(path, rates):
+    """Like `vla-mbpo sft --eval-episodes`: a metrics.jsonl of losses only, the evaluation in eval.json."""
     path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 100, "sft/loss": 1.5}) + "\n")
     (path / "eval.json").write_text(json.dumps({"success_rate": rates, "mean_success": sum(rates.values()) / 3}))
     return path
 
@@ -68,8 +70,19 @@ def test_report_cli_rejects_a_malformed_run(tmp_path, capsys):
     assert "--run needs LABEL=DIR, got 'nolabel'" in capsys.readouterr().err
 
 
-def test_learning_curves_average_seeds_at_shared_points():
-    curves = [(np.array([0.0, 1.0, 2.0]), np.array([10.0, 20.0, 30.0])), (np.array([0.0, 2.0]), np.array([20.0, 50.0]))]
-    x, mean, low, high = aggregate(curves)
-    assert x.tolist() == [0.0, 2.0] and mean.tolist() == [15.0, 40.0]
+def test_report_cli_keeps_an_equals_sign_in_the_label(tmp_path, capsys):
+    run = write_training_run(tmp_path / "n2", (0.3, 0.6, 0.0))
+    assert report.main(["--run", f"VLA-MBPO n=2={run}", "--out", str(tmp_path / "out")]) == 0
+    assert "| VLA-MBPO n=2 | 1 | 30.0 +- 0.0 (30.0..30.0) |" in capsys.readouterr().out
+
+
+def test_learning_curves_average_seeds_at_shared_iterations():
+    seed0 = {0: (0.0, 10.0), 1: (900.0, 20.0), 2: (2000.0, 30.0)}
+    seed1 = {0: (0.0, 20.0), 2: (1800.0, 50.0)}  # evaluated less often, fewer real steps per iteration
+    x, mean, low, high = aggregate([seed0, seed1])
+    assert x.tolist() == [0.0, 1900.0] and mean.tolist() == [15.0, 40.0]
     assert low.tolist() == [10.0, 30.0] and high.tolist() == [20.0, 50.0]
+    records = [{"iteration": 0, "real_env_steps": 0, "real/success_mean": 0.25},
+               {"iteration": 1, "real_env_steps": 900},
+               {"iteration": 2, "real_env_steps": 2000, "real/success_mean": 0.5}]
+    assert success_points(records, "real_env_steps") == {0: (0.0, 25.0), 2: (2000.0, 50.0)}
