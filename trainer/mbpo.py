@@ -26,7 +26,14 @@ from trainer.config import EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import EpisodeDataset
 from trainer.imagination import ImaginedRollouts, Imaginer, StartState
 from trainer.policy import PolicyBatch, VlaPolicy, load_policy, make_batch, save_policy
-from trainer.ppo import PPOLearner, RolloutBatch, compute_gae, monte_carlo_chunk_returns, next_values_from
+from trainer.ppo import (
+    PPOLearner,
+    RolloutBatch,
+    chunks_to_success,
+    compute_gae,
+    monte_carlo_chunk_returns,
+    next_values_from,
+)
 from trainer.rollout_client import WorldModelClient
 
 TRAINER_STATE = "trainer_state.pt"
@@ -62,11 +69,9 @@ class StartStateSampler:
         """The fraction of the start states from which the buffer's own behaviour reached success within
         horizon_chunks chunks: the real counterpart of imagine/success_rate, with the recorded behaviour in
         place of the current policy (an episode that ended first counts as no success)."""
-        hits = 0
-        for e, unfinished in enumerate(self.unfinished_states):
-            success = self.dataset.load(e).success
-            reached = np.minimum(np.arange(unfinished) + horizon_chunks * chunk_size, success.shape[0] - 1)
-            hits += int(success[reached].sum())  # success is latched: reached by step t + h*k iff true there
+        chunks = [chunks_to_success(self.dataset.load(e).success, chunk_size)[:unfinished]
+                  for e, unfinished in enumerate(self.unfinished_states)]
+        hits = sum(int((c <= horizon_chunks).sum()) for c in chunks)
         return hits / int(self.unfinished_states.sum())
 
     def _draw(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:

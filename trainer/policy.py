@@ -203,8 +203,11 @@ class VlaPolicy(nn.Module):
     def forward(self, batch: PolicyBatch) -> PolicyOutput:
         features = self.features(batch)
         logits = self.action_head(features).reshape(len(batch), self.config.num_action_tokens, self.config.num_bins)
-        values = self.critic(features.detach()).squeeze(-1)  # stop-gradient into the backbone (PAPER.md)
-        return PolicyOutput(logits=logits, values=values)
+        return PolicyOutput(logits=logits, values=self.critic_values(features))
+
+    def critic_values(self, features: torch.Tensor) -> torch.Tensor:
+        """The critic on trunk features [B, hidden_dim], behind a stop-gradient into the backbone (PAPER.md). -> [B]"""
+        return self.critic(features.detach()).squeeze(-1)
 
     def actor_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("critic.")]

@@ -50,22 +50,24 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     return advantages, (advantages + values) * mask
 
 
-def monte_carlo_chunk_returns(success: np.ndarray, chunk_size: int, gamma: float) -> np.ndarray:
-    """Discounted chunk-level return of every observation of one recorded episode, under the behaviour that
-    recorded it: reward 1 on the chunk that reaches the (latched) success, discounted per chunk, 0 without one.
-
-    success: bool[T+1] latched. Observation t < s (s = first success) is ceil((s - t) / chunk_size) chunks from
-    the success: return gamma**(chunks - 1); t >= s is already successful: the next chunk pays 1. -> float32[T+1]
-    """
+def chunks_to_success(success: np.ndarray, chunk_size: int) -> np.ndarray:
+    """For every observation of one recorded episode, how many chunks of its own behaviour led to the (latched)
+    success: observation t < s (s = first success) is ceil((s - t) / chunk_size) chunks from it, t >= s is
+    already successful (the next chunk pays: 1); inf without a success. success: bool[T+1] -> float64[T+1]"""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    returns = np.zeros(success.shape[0], dtype=np.float32)
     if not success.any():
-        return returns
+        return np.full(success.shape[0], np.inf)
     first = int(np.argmax(success))
-    chunks = np.maximum(1, -(-(first - np.arange(success.shape[0])) // chunk_size))  # ceil, >= 1
-    returns[:] = gamma ** (chunks - 1)
-    return returns
+    return np.maximum(1, -(-(first - np.arange(success.shape[0])) // chunk_size)).astype(np.float64)  # ceil, >= 1
+
+
+def monte_carlo_chunk_returns(success: np.ndarray, chunk_size: int, gamma: float) -> np.ndarray:
+    """Discounted chunk-level return of every observation of one recorded episode, under the behaviour that
+    recorded it: reward 1 on the chunk that reaches the (latched) success, discounted per chunk, 0 without one:
+    gamma**(chunks_to_success - 1). success: bool[T+1] -> float32[T+1]"""
+    chunks = chunks_to_success(success, chunk_size)
+    return np.where(np.isfinite(chunks), gamma ** (chunks - 1), 0.0).astype(np.float32)
 
 
 def normalize_advantages(advantages: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -163,11 +165,11 @@ class PPOLearner:
 
     def fit_critic(self, observations: PolicyBatch, returns: torch.Tensor) -> float:
         """One critic-only regression step (Huber, as in PPO, no value clipping) towards `returns` [N]; the
-        actor is untouched (the critic's stop-gradient leaves its parameters without gradients). Returns the loss.
-        """
+        actor is untouched (its parameters get no gradients). Returns the loss."""
         self.policy.train()
-        values = self.policy(observations).values
-        loss = F.huber_loss(values, returns, delta=self.config.huber_delta)
+        with torch.no_grad():  # the critic sees the trunk's features behind a stop-gradient: no backbone graph
+            features = self.policy.features(observations)
+        loss = F.huber_loss(self.policy.critic_values(features), returns, delta=self.config.huber_delta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.critic_params, self.config.max_grad_norm)

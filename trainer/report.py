@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,9 +61,8 @@ def read_run(run_dir: Path) -> RunResult:
 
 def summarize(values: list[float]) -> dict[str, float]:
     """Mean, sample standard deviation (0 for one seed), min and max."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
 
 
 def method_summary(results: list[RunResult]) -> dict:

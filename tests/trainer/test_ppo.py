@@ -9,6 +9,7 @@ from trainer.policy import PolicyBatch, VlaPolicy, chunk_log_prob, encode_instru
 from trainer.ppo import (
     PPOLearner,
     RolloutBatch,
+    chunks_to_success,
     compute_gae,
     monte_carlo_chunk_returns,
     next_values_from,
@@ -148,6 +149,8 @@ def test_learner_first_step_has_unit_ratio_under_the_same_temperature():
 def test_monte_carlo_chunk_returns_by_hand():
     success = np.array([False] * 5 + [True, True])  # first success at observation 5
     # chunks to the success from t = 0..6 with k = 2: 3, 2, 2, 1, 1, then already successful (1 chunk pays)
+    assert chunks_to_success(success, chunk_size=2).tolist() == [3, 2, 2, 1, 1, 1, 1]
+    assert np.isinf(chunks_to_success(np.zeros(4, dtype=bool), chunk_size=2)).all()
     assert monte_carlo_chunk_returns(success, chunk_size=2, gamma=0.5).tolist() == [0.25, 0.5, 0.5, 1, 1, 1, 1]
     assert monte_carlo_chunk_returns(np.zeros(4, dtype=bool), chunk_size=2, gamma=0.5).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
