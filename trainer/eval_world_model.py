@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from engine.image_tokenizer import ImageTokenizer
 from engine.layout import TokenLayout
 from trainer.image_metrics import finite_mean, psnr_per_image, ssim_per_image
-from trainer.train_world_model import INDEPENDENT_VIEWS_KEY, balanced_accuracy, class_recalls, positive_int
+from trainer.train_world_model import balanced_accuracy, class_recalls, positive_int
 from trainer.world_model_data import (
     TARGET_REWARD,
     TokenizedEpisode,
@@ -36,6 +36,7 @@ from trainer.world_model_data import (
     split_episode_ids,
     tokenize_episode,
 )
+from trainer.world_model_rollout import GreedyImaginer, uses_independent_views
 
 
 @dataclass(frozen=True)
@@ -55,87 +56,6 @@ class EvalConfig:
         if min(self.num_windows, self.batch_size, self.num_chunks) <= 0:
             raise ValueError(f"num_windows, batch_size, num_chunks must be > 0, got {self.num_windows}, "
                              f"{self.batch_size}, {self.num_chunks}")
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """Greedy imagination of one batch: codes [B, n, V, N] and success answers [B, n]."""
-
-    codes: np.ndarray
-    success: np.ndarray
-
-
-def uses_independent_views(model: LlamaForCausalLM) -> bool:
-    """Whether a checkpoint is the no-IVD ablation (flag stored in its config.json by the trainer)."""
-    return bool(getattr(model.config, INDEPENDENT_VIEWS_KEY, False))
-
-
-class GreedyImaginer:
-    """Batched greedy rollouts with a KV cache, following layout.generation_plan() token by token."""
-
-    def __init__(self, model: LlamaForCausalLM, layout: TokenLayout, independent_views: bool) -> None:
-        self.model, self.layout, self.independent_views = model, layout, independent_views
-        self.device = next(model.parameters()).device
-        self.plan = layout.generation_plan()
-
-    def _forward(self, new_tokens: torch.Tensor, new_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Appends new_tokens [B, q] (new_valid [B, q]: False for left padding) to the stream and returns the
-        last position's logits [B, V]."""
-        if new_valid is None:
-            new_valid = torch.ones_like(new_tokens, dtype=torch.bool)
-        self.history = torch.cat([self.history, new_tokens], dim=1)  # [B, K]
-        self.valid = torch.cat([self.valid, new_valid], dim=1)
-        length, q = self.history.shape[1], new_tokens.shape[1]
-        if self.independent_views:
-            mask = independent_view_mask(self.layout, self.history, query_start=length - q)
-        else:
-            positions = torch.arange(length, device=self.device)
-            mask = (positions[length - q:, None] >= positions[None, :])[None, None]
-        # Padding is never attended; a padding query attends to itself so its softmax stays finite.
-        eye = torch.arange(length, device=self.device)[None, length - q:, None] == torch.arange(
-            length, device=self.device)[None, None, :]
-        mask = (mask & self.valid[:, None, None, :]) | eye[:, None]
-        position_ids = (torch.cumsum(self.valid.long(), dim=1) - 1).clamp(min=0)[:, length - q:]
-        out = self.model(input_ids=new_tokens, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1].float()
-
-    @torch.no_grad()
-    def rollout(self, prefixes: Sequence[np.ndarray], actions: np.ndarray) -> Rollout:
-        """prefixes: B token arrays (instruction + start observation); actions: [B, n, chunk_size, action_dim]."""
-        layout, pad = self.layout, self.layout.special("pad")
-        width = max(len(p) for p in prefixes)
-        padded = np.full((len(prefixes), width), pad, dtype=np.int64)
-        valid = np.zeros((len(prefixes), width), dtype=bool)
-        for row, prefix in enumerate(prefixes):  # left-pad so every row's generated tokens line up
-            padded[row, width - len(prefix):], valid[row, width - len(prefix):] = prefix, True
-        batch = len(prefixes)
-        self.history = torch.empty(batch, 0, dtype=torch.long, device=self.device)
-        self.valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
-        self.cache = DynamicCache()
-        first = torch.from_numpy(padded).to(self.device)
-        self._forward(first[:, :-1], torch.from_numpy(valid[:, :-1]).to(self.device))
-        pending = first[:, -1:]  # the last prefix token is always real (left padding)
-        forced, low, high = self.plan
-        chunk_codes, chunk_success = [], []
-        for chunk in range(actions.shape[1]):
-            act = np.stack([layout.encode_actions(a) for a in actions[:, chunk]])
-            pending = torch.cat([pending, torch.from_numpy(act).to(self.device)], dim=1)
-            generated = []
-            for position in range(len(forced)):
-                if forced[position] >= 0:
-                    token = torch.full((batch, 1), int(forced[position]), device=self.device)
-                else:
-                    logits = self._forward(pending)
-                    token = logits[:, low[position]:high[position]].argmax(-1, keepdim=True) + int(low[position])
-                    pending = pending[:, :0]
-                pending = torch.cat([pending, token], dim=1)
-                generated.append(token)
-            tokens = torch.cat(generated, dim=1).cpu().numpy()  # [B, generated_len]
-            split = [layout.split_generated(row) for row in tokens]
-            chunk_codes.append(np.stack([codes for codes, _ in split]))
-            chunk_success.append(np.array([success for _, success in split]))
-        return Rollout(np.stack(chunk_codes, axis=1), np.stack(chunk_success, axis=1))
 
 
 def select_windows(episodes: Sequence[TokenizedEpisode], chunk_size: int, num_chunks: int, count: int,

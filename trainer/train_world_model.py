@@ -4,7 +4,10 @@ The stream format is engine.layout's (DESIGN.md): instruction, real start observ
 `max_chunks` chunks of (action chunk, next observation in IVD order, <rew> <yes|no>). Loss only on generated
 positions, each restricted to the range the engine samples from (image codes, or yes/no), reward classes
 balanced by loss weights. `--independent-views` trains the no-IVD ablation (a wrist block cannot attend to
-the head block of the same generated observation).
+the head block of the same generated observation). `--imagined-windows N --imagined-fraction F` (with
+`--init-from`) also trains the reward on the model's own greedy imagination of N training windows, against the
+real label: the answer RL reads is given on imagined frames, where a reward trained on real frames alone says
+<yes> far too often.
 
 Output: a checkpoint directory per DESIGN.md (layout.json, world_model/ in Hugging Face format, tokenizer/),
 plus a work directory with `metrics.jsonl`, `train_state.pt` (resume with `--resume`) and `summary.json`.
@@ -32,6 +35,7 @@ from engine.image_tokenizer import ImageTokenizer
 from engine.layout import TokenLayout
 from trainer.world_model_data import (
     TARGET_IMAGE,
+    TARGET_IMAGINED_REWARD,
     TARGET_REWARD,
     StreamBatch,
     TokenizedEpisode,
@@ -49,9 +53,7 @@ from trainer.world_model_data import (
     tokenize_episode,
     window_reward_counts,
 )
-
-# Stored in the ablation's world_model/config.json; the served default never carries it.
-INDEPENDENT_VIEWS_KEY = "vla_mbpo_independent_views"
+from trainer.world_model_rollout import INDEPENDENT_VIEWS_KEY, GreedyImaginer, imagine_windows
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ class WorldModelTrainConfig:
     stop_at_step: int | None = None  # end this run early (time-boxed sessions); `resume` continues it
     positive_fraction: float = 0.0  # share of each batch drawn from windows with a 'yes' (rare final frames)
     init_from: str | None = None  # a checkpoint directory whose world_model/ weights start this run
+    # Reward trained on the model's own imagination: this many full-length training windows are rolled out
+    # greedily (real actions) by the init_from weights once, and `imagined_fraction` of each batch is such a
+    # stream, trained on its *real* reward label only. What RL sees is the answer on imagined frames.
+    imagined_windows: int = 0
+    imagined_fraction: float = 0.0
     save_dtype: str = "bfloat16"  # halves the shipped checkpoint; the engine computes in its own dtype
 
     def __post_init__(self) -> None:
@@ -131,6 +138,15 @@ class WorldModelTrainConfig:
                             f"{self.min_lr_ratio}, {self.warmup_steps}")
         if not 0 <= self.positive_fraction < 1:
             problems.append(f"positive_fraction must lie in [0, 1), got {self.positive_fraction}")
+        if self.imagined_windows < 0 or not 0 <= self.imagined_fraction < 1:
+            problems.append(f"imagined_windows must be >= 0 and imagined_fraction in [0, 1), got "
+                            f"{self.imagined_windows}, {self.imagined_fraction}")
+        elif (self.imagined_windows > 0) != (self.imagined_fraction > 0):
+            problems.append(f"imagined_windows ({self.imagined_windows}) and imagined_fraction "
+                            f"({self.imagined_fraction}) must both be set or both be 0")
+        elif self.imagined_windows and not self.init_from:
+            problems.append("imagined_windows needs init_from: a model's imagination is only worth judging once "
+                            "it is trained")
         if not self.data_dirs and not self.token_caches:
             problems.append("need data_dirs or token_caches")
         if self.data_dirs and self.token_caches and len(self.data_dirs) != len(self.token_caches):
@@ -165,11 +181,14 @@ def prepare_tokens(config: WorldModelTrainConfig, tokenizer: ImageTokenizer, vie
 
 
 def restricted_losses(logits: torch.Tensor, batch: StreamBatch, layout: TokenLayout,
-                      reward_weights: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image loss, balanced reward loss): cross-entropy over the allowed range of each generated position.
+                      reward_weights: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image loss, balanced reward loss, imagined reward loss): cross-entropy over the allowed range of each
+    generated position.
 
     logits: [B, L, V] predicting token i + 1 at position i. Image positions see only the codebook logits,
-    reward positions only (no, yes), exactly the ranges the engine samples from.
+    reward positions only (no, yes), exactly the ranges the engine samples from. Answers on imagined
+    observations are unweighted (zero when the batch has none): a class-balanced answer on frames the model
+    cannot judge sits near even odds, i.e. says <yes> far more often than real success happens.
     """
     targets = batch.targets[:, 1:].to(logits.device)  # [B, L-1]
     next_ids = batch.token_ids[:, 1:].to(logits.device)
@@ -182,7 +201,11 @@ def restricted_losses(logits: torch.Tensor, batch: StreamBatch, layout: TokenLay
     labels = (next_ids[reward] == layout.yes_id).long()
     weights = torch.tensor(reward_weights, device=logits.device)
     per_answer = F.cross_entropy(answer_logits, labels, reduction="none") * weights[labels]
-    return image_loss, per_answer.sum() / weights[labels].sum()
+    imagined = targets == TARGET_IMAGINED_REWARD
+    imagined_loss = (F.cross_entropy(logits[imagined][:, [layout.no_id, layout.yes_id]],
+                                     (next_ids[imagined] == layout.yes_id).long())
+                     if imagined.any() else logits.new_zeros(()))
+    return image_loss, per_answer.sum() / weights[labels].sum(), imagined_loss
 
 
 def attention_mask_for(layout: TokenLayout, token_ids: torch.Tensor, independent_views: bool) -> torch.Tensor | None:
@@ -197,16 +220,56 @@ def learning_rate(config: WorldModelTrainConfig, step: int) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def sample_window_ids(rng: np.random.Generator, num_windows: int, count: int, positive_ids: np.ndarray | None = None,
+                      positive_fraction: float = 0.0) -> np.ndarray:
+    """`count` window ids: uniform, except round(positive_fraction * count) drawn from `positive_ids`."""
+    num_positive = int(round(positive_fraction * count)) if positive_ids is not None and len(positive_ids) else 0
+    return np.concatenate([rng.integers(0, num_windows, size=count - num_positive),
+                           positive_ids[rng.integers(0, len(positive_ids), size=num_positive)] if num_positive
+                           else np.zeros(0, dtype=np.int64)])
+
+
+@dataclass(frozen=True)
+class ImaginedWindows:
+    """Training windows (ids into the training window list) with the model's greedy codes [W, n, V, N]."""
+
+    window_ids: np.ndarray
+    codes: np.ndarray
+
+
 def sample_batch(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
                  rng: np.random.Generator, batch_size: int, positive_ids: np.ndarray | None = None,
-                 positive_fraction: float = 0.0) -> StreamBatch:
-    """Uniform windows, except round(positive_fraction * batch_size) drawn from `positive_ids`."""
-    num_positive = int(round(positive_fraction * batch_size)) if positive_ids is not None and len(positive_ids) else 0
-    picks = np.concatenate([rng.integers(0, len(windows), size=batch_size - num_positive),
-                            positive_ids[rng.integers(0, len(positive_ids), size=num_positive)] if num_positive
-                            else np.zeros(0, dtype=np.int64)])
-    return collate_streams(layout, (build_stream(layout, episodes[windows[i].episode_index], windows[i].start,
-                                                 windows[i].num_chunks) for i in picks))
+                 positive_fraction: float = 0.0, imagined: ImaginedWindows | None = None,
+                 imagined_fraction: float = 0.0) -> StreamBatch:
+    """Real streams (sample_window_ids), the last round(imagined_fraction * batch_size) of them replaced by
+    streams drawn uniformly from `imagined` (the model's own observations, reward-only targets)."""
+    num_imagined = int(round(imagined_fraction * batch_size)) if imagined is not None else 0
+    picks = sample_window_ids(rng, len(windows), batch_size - num_imagined, positive_ids, positive_fraction)
+    streams = [build_stream(layout, episodes[windows[i].episode_index], windows[i].start, windows[i].num_chunks)
+               for i in picks]
+    for row in rng.integers(0, len(imagined.window_ids), size=num_imagined) if num_imagined else ():
+        window = windows[int(imagined.window_ids[row])]
+        streams.append(build_stream(layout, episodes[window.episode_index], window.start, window.num_chunks,
+                                    imagined_codes=imagined.codes[row]))
+    return collate_streams(layout, streams)
+
+
+def prepare_imagined_windows(config: WorldModelTrainConfig, model: LlamaForCausalLM, layout: TokenLayout,
+                             episodes: Sequence[TokenizedEpisode], windows: Sequence[Window]) -> ImaginedWindows:
+    """`config.imagined_windows` full-length training windows drawn uniformly (the data's own success rate: the
+    answer is trained calibrated, not balanced), rolled out greedily by the initial weights; cached in the work
+    directory, so a resumed run judges the same ones."""
+    cache = Path(config.work_dir) / "imagined_windows.npz"
+    if config.resume and cache.is_file():
+        data = np.load(cache)
+        return ImaginedWindows(data["window_ids"], data["codes"].astype(np.int64))
+    full_ids = np.flatnonzero([w.num_chunks == config.max_chunks for w in windows])
+    ids = full_ids[sample_window_ids(np.random.default_rng(config.seed + 3), len(full_ids), config.imagined_windows)]
+    imaginer = GreedyImaginer(model.eval(), layout, config.independent_views)
+    codes = imagine_windows(imaginer, episodes, [windows[i] for i in ids], config.batch_size * 4)
+    model.train()
+    np.savez_compressed(cache, window_ids=ids, codes=codes.astype(np.int16))
+    return ImaginedWindows(ids, codes)
 
 
 def check_batches(layout: TokenLayout, episodes: Sequence[TokenizedEpisode], windows: Sequence[Window],
@@ -339,6 +402,8 @@ def train(config: WorldModelTrainConfig) -> dict:
     if config.init_from:
         model.load_state_dict(load_initial_weights(config.init_from, layout, llama_config))
     model = model.to(device)
+    imagined = (prepare_imagined_windows(config, model, layout, train_eps, train_windows)
+                if config.imagined_windows else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     rng = np.random.default_rng(config.seed)
@@ -360,15 +425,15 @@ def train(config: WorldModelTrainConfig) -> dict:
     last_step = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
     while step < last_step:
         batch = sample_batch(layout, train_eps, train_windows, rng, config.batch_size, positive_ids,
-                             config.positive_fraction)
+                             config.positive_fraction, imagined, config.imagined_fraction)
         ids = batch.token_ids.to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(input_ids=ids, attention_mask=attention_mask_for(layout, ids, config.independent_views)
                            ).logits
-        image_loss, reward_loss = restricted_losses(logits, batch, layout, reward_weights)
-        loss = image_loss + reward_loss
+        image_loss, reward_loss, imagined_reward_loss = restricted_losses(logits, batch, layout, reward_weights)
+        loss = image_loss + reward_loss + imagined_reward_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -379,7 +444,8 @@ def train(config: WorldModelTrainConfig) -> dict:
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - started
             record = {"step": step, "loss": loss.item(), "image_loss": image_loss.item(),
-                      "reward_loss": reward_loss.item(), "lr": learning_rate(config, step - 1),
+                      "reward_loss": reward_loss.item(), "imagined_reward_loss": imagined_reward_loss.item(),
+                      "lr": learning_rate(config, step - 1),
                       "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
             progress.set_postfix(loss=f"{record['loss']:.3f}")
             with metrics_path.open("a") as f:
@@ -429,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction,
                         help="share of each batch drawn from windows with a 'yes' reward label")
     parser.add_argument("--init-from", help="start from this checkpoint's world_model/ weights (same layout)")
+    parser.add_argument("--imagined-windows", type=int, default=defaults.imagined_windows,
+                        help="training windows the --init-from model imagines once (greedy, real actions) so the "
+                             "reward also learns on its own predicted frames (their real label)")
+    parser.add_argument("--imagined-fraction", type=float, default=defaults.imagined_fraction,
+                        help="share of each batch drawn from the imagined windows (reward loss only)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
@@ -462,7 +533,7 @@ def main(argv: list[str]) -> int:
         lr=args.lr, warmup_steps=args.warmup_steps, max_chunks=args.max_chunks,
         independent_views=args.independent_views, seed=args.seed, device=args.device, save_every=args.save_every,
         save_dtype=args.save_dtype, resume=args.resume, positive_fraction=args.positive_fraction,
-        init_from=args.init_from,
+        init_from=args.init_from, imagined_windows=args.imagined_windows, imagined_fraction=args.imagined_fraction,
         stop_at_step=args.stop_at_step)
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))

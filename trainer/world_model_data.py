@@ -30,6 +30,8 @@ from engine.layout import TokenLayout
 
 # What a stream position is, as a prediction target of the position before it.
 TARGET_NONE, TARGET_IMAGE, TARGET_REWARD = 0, 1, 2
+# The reward answer on the model's own imagined observation: trained on the real label, unweighted (calibrated).
+TARGET_IMAGINED_REWARD = 3
 # Per-position view tags for attention masks: which block of a *generated* observation a token belongs to.
 VIEW_NONE = -1
 CACHE_FORMAT = 1
@@ -165,24 +167,39 @@ def enumerate_windows(episodes: Sequence[TokenizedEpisode], chunk_size: int, max
     return windows
 
 
-def build_stream(layout: TokenLayout, episode: TokenizedEpisode, start: int, num_chunks: int) -> Stream:
-    """The token stream of one window, exactly as the engine will see it at serving time."""
+def build_stream(layout: TokenLayout, episode: TokenizedEpisode, start: int, num_chunks: int,
+                 imagined_codes: np.ndarray | None = None) -> Stream:
+    """The token stream of one window, exactly as the engine will see it at serving time.
+
+    imagined_codes (int [num_chunks, num_views, tokens_per_view], optional): the model's own prediction of the
+    observations, put in place of the real ones. Their image positions are then context, not targets; the
+    reward keeps the *real* label (TARGET_IMAGINED_REWARD), so the answer learns to judge the model's
+    imagination by what really happened.
+    """
     k = layout.chunk_size
     if num_chunks < 1 or start < 0 or start + num_chunks * k > episode.num_steps:
         raise WorldModelDataError(f"window start={start} num_chunks={num_chunks} does not fit an episode of "
                                   f"{episode.num_steps} steps with chunk_size={k}")
+    expected_shape = (num_chunks, *episode.codes.shape[1:])
+    if imagined_codes is not None and tuple(imagined_codes.shape) != expected_shape:
+        raise WorldModelDataError(f"imagined codes have shape {tuple(imagined_codes.shape)}, the window needs "
+                                  f"{expected_shape}")
     parts = [layout.encode_instruction(episode.instruction), layout.encode_observation(episode.codes[start])]
     targets = [np.zeros(len(parts[0]) + len(parts[1]), dtype=np.int8)]
     forced, _, _ = layout.generation_plan()
     generated_targets = np.where(forced >= 0, TARGET_NONE, TARGET_IMAGE).astype(np.int8)
     generated_targets[-1] = TARGET_REWARD
+    reward_only_targets = np.where(generated_targets == TARGET_REWARD, TARGET_IMAGINED_REWARD,
+                                   TARGET_NONE).astype(np.int8)
     for j in range(num_chunks):
         step = start + (j + 1) * k
         actions = layout.encode_actions(episode.actions[step - k:step])
-        generated = np.concatenate([layout.encode_observation(episode.codes[step]),
+        observed = episode.codes[step] if imagined_codes is None else imagined_codes[j]
+        generated = np.concatenate([layout.encode_observation(observed),
                                     layout.encode_reward(bool(episode.success[step]))])
         parts += [actions, generated]
-        targets += [np.zeros(len(actions), dtype=np.int8), generated_targets]
+        targets += [np.zeros(len(actions), dtype=np.int8),
+                    generated_targets if imagined_codes is None else reward_only_targets]
     return Stream(np.concatenate(parts).astype(np.int64), np.concatenate(targets))
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -64,14 +65,30 @@ def test_restricted_losses_on_uniform_logits():
     episode = TokenizedEpisode(episode.instruction, episode.codes, episode.actions, np.arange(17) >= 16)
     batch = collate_streams(layout, [build_stream(layout, episode, 0, 2)])
     logits = torch.zeros(1, batch.token_ids.shape[1], layout.vocab_size)
-    image_loss, reward_loss = restricted_losses(logits, batch, layout, (1.0, 1.0))
+    image_loss, reward_loss, _ = restricted_losses(logits, batch, layout, (1.0, 1.0))
     assert image_loss.item() == pytest.approx(math.log(12))
     assert reward_loss.item() == pytest.approx(math.log(2))
     # chunk 1 says no, chunk 2 says yes; push every answer to "yes": only the 'no' label costs.
     logits[..., layout.yes_id] = 5.0
-    _, reward_loss = restricted_losses(logits, batch, layout, (3.0, 1.0))
+    _, reward_loss, imagined_loss = restricted_losses(logits, batch, layout, (3.0, 1.0))
     cost_no, cost_yes = math.log(1 + math.exp(5)), math.log(1 + math.exp(-5))
     assert reward_loss.item() == pytest.approx((3 * cost_no + cost_yes) / 4, rel=1e-5)
+    assert imagined_loss.item() == 0.0
+
+
+def test_answers_on_imagined_observations_are_unweighted():
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0], ("head", "wrist"))
+    imagined_codes = (episode.codes[[8, 16]] + 1) % 12
+    batch = collate_streams(layout, [build_stream(layout, episode, 0, 2),
+                                     build_stream(layout, episode, 0, 2, imagined_codes=imagined_codes)])
+    logits = torch.zeros(2, batch.token_ids.shape[1], layout.vocab_size)
+    logits[..., layout.yes_id] = 5.0
+    image_loss, reward_loss, imagined_loss = restricted_losses(logits, batch, layout, (3.0, 1.0))
+    cost_no, cost_yes = math.log(1 + math.exp(5)), math.log(1 + math.exp(-5))
+    assert image_loss.item() == pytest.approx(math.log(12))  # the real stream's codes only
+    assert reward_loss.item() == pytest.approx((3 * cost_no + cost_yes) / 4, rel=1e-5)
+    assert imagined_loss.item() == pytest.approx((cost_no + cost_yes) / 2, rel=1e-5)  # no, yes: weights ignored
 
 
 def test_balanced_accuracy():
@@ -230,3 +247,75 @@ def test_data_and_token_cache_options_take_several_paths():
     args = build_parser().parse_args(["--tokenizer", "t", "--out", "o", "--data", "a", "b",
                                       "--token-cache", "a.npz", "b.npz"])
     assert (args.data, args.token_cache) == (["a", "b"], ["a.npz", "b.npz"])
+
+
+def test_imagined_codes_replace_the_observations_and_train_only_the_real_reward():
+    from trainer.world_model_data import TARGET_IMAGE, TARGET_IMAGINED_REWARD, TARGET_NONE, TARGET_REWARD
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0], ("head", "wrist"))
+    real = build_stream(layout, episode, 0, 2)
+    imagined_codes = (episode.codes[[8, 16]] + 1) % 12  # [2 chunks, 2 views, 16 codes], every code differs
+    imagined = build_stream(layout, episode, 0, 2, imagined_codes=imagined_codes)
+    assert len(imagined.token_ids) == len(real.token_ids)
+    changed = np.flatnonzero(imagined.token_ids != real.token_ids)
+    assert len(changed) == 2 * 2 * 16  # exactly the predicted observations' codes
+    assert (real.targets[changed] == TARGET_IMAGE).all() and (imagined.targets[changed] == TARGET_NONE).all()
+    assert (imagined.targets == TARGET_IMAGE).sum() == 0
+    assert (imagined.targets == TARGET_REWARD).sum() == 0
+    rewards = np.flatnonzero(imagined.targets == TARGET_IMAGINED_REWARD)
+    np.testing.assert_array_equal(rewards, np.flatnonzero(real.targets == TARGET_REWARD))
+    # the answers are the real, latched labels: no at step 8, yes at step 16
+    assert imagined.token_ids[rewards].tolist() == [layout.no_id, layout.yes_id]
+    with pytest.raises(WorldModelDataError, match=r"imagined codes have shape \(1, 2, 16\), the window needs "
+                                                  r"\(2, 2, 16\)"):
+        build_stream(layout, episode, 0, 2, imagined_codes=imagined_codes[:1])
+
+
+def test_imagined_windows_are_rolled_out_once_cached_and_mixed_into_batches(prepared):
+    source = prepared / "ivd" / "ckpt"
+    if not source.exists():
+        train(config_for(prepared, "ivd"))
+    config = config_for(prepared, "imagined", steps=4, init_from=str(source), imagined_windows=6,
+                        imagined_fraction=0.5, positive_fraction=0.25)  # the positive share is for real streams
+    train(config)
+    cached = np.load(prepared / "imagined" / "work" / "imagined_windows.npz")
+    assert cached["window_ids"].shape == (6,) and cached["codes"].shape == (6, 2, 2, 16)  # 4x4 codes per view
+    episodes, _ = load_token_cache(prepared / "tokens.npz")
+    train_eps = [episodes[i] for i in range(12) if i % 4 != 3]
+    windows = enumerate_windows(train_eps, 8, 2)
+    # drawn uniformly over the full-length windows (no positive oversampling: the answer is trained calibrated)
+    full_ids = np.flatnonzero([w.num_chunks == 2 for w in windows])
+    expected_ids = full_ids[np.random.default_rng(config.seed + 3).integers(0, len(full_ids), size=6)]
+    np.testing.assert_array_equal(cached["window_ids"], expected_ids)
+    # the imagination is the initial model's greedy rollout of each window with its real actions
+    from trainer.world_model_rollout import GreedyImaginer, imagine_windows
+    layout = TokenLayout.load(source / "layout.json")
+    model = LlamaForCausalLM.from_pretrained(source / "world_model").eval()
+    expected = imagine_windows(GreedyImaginer(model, layout, False), train_eps,
+                               [windows[i] for i in cached["window_ids"]], 4)
+    np.testing.assert_array_equal(cached["codes"], expected)
+    # a resumed run reads the cache instead of imagining again
+    cached_ids = cached["window_ids"].copy()
+    train(dataclasses.replace(config, steps=6, resume=True))
+    np.testing.assert_array_equal(np.load(prepared / "imagined" / "work" / "imagined_windows.npz")["window_ids"],
+                                  cached_ids)
+
+
+def test_imagined_batches_end_with_reward_only_streams():
+    from trainer.train_world_model import ImaginedWindows
+    from trainer.world_model_data import TARGET_IMAGE, Window
+    layout = TokenLayout(codebook_size=12, tokens_per_view=16, chunk_size=8)
+    episode = tokenize_episode(ImageTokenizer.random(TOKENIZER), synthetic_episodes(1, steps=16)[0], ("head", "wrist"))
+    imagined = ImaginedWindows(np.array([0]), ((episode.codes[[8, 16]] + 1) % 12)[None])
+    batch = sample_batch(layout, [episode], [Window(0, 0, 2)], np.random.default_rng(0), 4, imagined=imagined,
+                         imagined_fraction=0.5)
+    assert (batch.targets == TARGET_IMAGE).sum(dim=1).tolist() == [64, 64, 0, 0]
+
+
+def test_imagined_window_options_are_checked(prepared):
+    with pytest.raises(ValueError, match="imagined_windows needs init_from"):
+        config_for(prepared, "x", imagined_windows=4, imagined_fraction=0.5)
+    with pytest.raises(ValueError, match=r"imagined_windows \(4\) and imagined_fraction \(0.0\) must both be set"):
+        config_for(prepared, "x", imagined_windows=4, init_from="ckpt")
+    with pytest.raises(ValueError, match=r"imagined_fraction in \[0, 1\), got 4, 1.5"):
+        config_for(prepared, "x", imagined_windows=4, imagined_fraction=1.5, init_from="ckpt")
