@@ -11,7 +11,6 @@ from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from engine.layout import TokenLayout
 from trainer.eval_world_model import (
     EvalConfig,
-    GreedyImaginer,
     build_parser,
     evaluate,
     select_windows,
@@ -19,6 +18,7 @@ from trainer.eval_world_model import (
 )
 from trainer.train_world_model import WorldModelArchitecture, WorldModelTrainConfig, train
 from trainer.world_model_data import independent_view_mask, save_token_cache, tokenize_episode
+from trainer.world_model_rollout import GreedyImaginer
 
 TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(3, 4), stage_channels=(8, 8, 8))  # 2x2 codes per view
 TINY_ARCH = WorldModelArchitecture(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
