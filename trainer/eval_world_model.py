@@ -34,6 +34,7 @@ from trainer.world_model_data import (
     independent_view_mask,
     load_recorded_episodes,
     split_episode_ids,
+    start_prefix,
     tokenize_episode,
 )
 from trainer.world_model_rollout import GreedyImaginer, uses_independent_views
@@ -143,8 +144,7 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
     imagined_codes, answers = [], []
     for start in range(0, len(windows), config.batch_size):
         part = windows[start:start + config.batch_size]
-        prefixes = [np.concatenate([layout.encode_instruction(val_tokens[e].instruction),
-                                    layout.encode_observation(val_tokens[e].codes[t])]) for e, t in part]
+        prefixes = [start_prefix(layout, val_tokens[e], t) for e, t in part]
         result = imaginer.rollout(prefixes, actions[start:start + config.batch_size])
         imagined_codes.append(result.codes)
         answers.append(result.success)

@@ -167,6 +167,12 @@ def enumerate_windows(episodes: Sequence[TokenizedEpisode], chunk_size: int, max
     return windows
 
 
+def start_prefix(layout: TokenLayout, episode: TokenizedEpisode, start: int) -> np.ndarray:
+    """The stream's context before the first action chunk: the instruction and the real observation `start`."""
+    return np.concatenate([layout.encode_instruction(episode.instruction),
+                           layout.encode_observation(episode.codes[start])])
+
+
 def build_stream(layout: TokenLayout, episode: TokenizedEpisode, start: int, num_chunks: int,
                  imagined_codes: np.ndarray | None = None) -> Stream:
     """The token stream of one window, exactly as the engine will see it at serving time.
@@ -184,8 +190,8 @@ def build_stream(layout: TokenLayout, episode: TokenizedEpisode, start: int, num
     if imagined_codes is not None and tuple(imagined_codes.shape) != expected_shape:
         raise WorldModelDataError(f"imagined codes have shape {tuple(imagined_codes.shape)}, the window needs "
                                   f"{expected_shape}")
-    parts = [layout.encode_instruction(episode.instruction), layout.encode_observation(episode.codes[start])]
-    targets = [np.zeros(len(parts[0]) + len(parts[1]), dtype=np.int8)]
+    parts = [start_prefix(layout, episode, start)]
+    targets = [np.zeros(len(parts[0]), dtype=np.int8)]
     forced, _, _ = layout.generation_plan()
     generated_targets = np.where(forced >= 0, TARGET_NONE, TARGET_IMAGE).astype(np.int8)
     generated_targets[-1] = TARGET_REWARD

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, LlamaForCausalLM
 
 from engine.layout import TokenLayout
-from trainer.world_model_data import TokenizedEpisode, Window, WorldModelDataError, independent_view_mask
+from trainer.world_model_data import TokenizedEpisode, Window, WorldModelDataError, independent_view_mask, start_prefix
 
 # Stored in the ablation's world_model/config.json; the served default never carries it.
 INDEPENDENT_VIEWS_KEY = "vla_mbpo_independent_views"
@@ -116,9 +116,7 @@ def imagine_windows(imaginer: GreedyImaginer, episodes: Sequence[TokenizedEpisod
     codes = []
     for start in tqdm(range(0, len(windows), batch_size), desc=description, leave=False):
         part = windows[start:start + batch_size]
-        prefixes = [np.concatenate([layout.encode_instruction(episodes[w.episode_index].instruction),
-                                    layout.encode_observation(episodes[w.episode_index].codes[w.start])])
-                    for w in part]
+        prefixes = [start_prefix(layout, episodes[w.episode_index], w.start) for w in part]
         actions = np.stack([episodes[w.episode_index].actions[w.start:w.start + n * k].reshape(n, k, -1)
                             for w in part])
         codes.append(imaginer.rollout(prefixes, actions).codes)

@@ -32,7 +32,7 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of every stage; the defaults take about 10.5 minutes on a 2-core CPU machine (measured; limit 20)."""
+    """Sizes of every stage; the defaults take about 10 minutes on a 2-core CPU machine (10.3 measured; limit 20)."""
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     cache_dir: Path = Path("~/.cache/vla-mbpo/demo")

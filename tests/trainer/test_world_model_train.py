@@ -271,7 +271,7 @@ def test_imagined_codes_replace_the_observations_and_train_only_the_real_reward(
         build_stream(layout, episode, 0, 2, imagined_codes=imagined_codes[:1])
 
 
-def test_imagined_windows_are_rolled_out_once_cached_and_mixed_into_batches(prepared):
+def test_imagined_windows_are_drawn_uniformly_rolled_out_once_and_cached_for_resume(prepared):
     source = prepared / "ivd" / "ckpt"
     if not source.exists():
         train(config_for(prepared, "ivd"))
@@ -294,11 +294,15 @@ def test_imagined_windows_are_rolled_out_once_cached_and_mixed_into_batches(prep
     expected = imagine_windows(GreedyImaginer(model, layout, False), train_eps,
                                [windows[i] for i in cached["window_ids"]], 4)
     np.testing.assert_array_equal(cached["codes"], expected)
-    # a resumed run reads the cache instead of imagining again
-    cached_ids = cached["window_ids"].copy()
+    # a resumed run reads the cache instead of imagining again: a planted cache (other windows, all-zero codes)
+    # survives it, where imagining anew would have rewritten the file with the draw above
+    cache = prepared / "imagined" / "work" / "imagined_windows.npz"
+    planted_ids = full_ids[:6]
+    assert not np.array_equal(planted_ids, expected_ids)
+    np.savez_compressed(cache, window_ids=planted_ids, codes=np.zeros((6, 2, 2, 16), dtype=np.int16))
     train(dataclasses.replace(config, steps=6, resume=True))
-    np.testing.assert_array_equal(np.load(prepared / "imagined" / "work" / "imagined_windows.npz")["window_ids"],
-                                  cached_ids)
+    np.testing.assert_array_equal(np.load(cache)["window_ids"], planted_ids)
+    assert not np.load(cache)["codes"].any()
 
 
 def test_imagined_batches_end_with_reward_only_streams():
