@@ -33,10 +33,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser, eval_every: int, eval_ep
                         help="real episodes per task family at each evaluation (0: no evaluation)")
     parser.add_argument("--eval-seed", type=int, default=e.seed)
     parser.add_argument("--eval-workers", type=int, default=e.num_workers)
+    parser.add_argument("--eval-temperature", type=float, default=None, metavar="T",
+                        help="evaluate with actions sampled from softmax(logits / T) (default: the mode)")
 
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig | None:
     """None when evaluation is off (--eval-episodes 0)."""
     if args.eval_episodes <= 0:
         return None
-    return EvalConfig(episodes=args.eval_episodes, seed=args.eval_seed, num_workers=args.eval_workers)
+    sampled = args.eval_temperature is not None
+    return EvalConfig(episodes=args.eval_episodes, seed=args.eval_seed, num_workers=args.eval_workers,
+                      greedy=not sampled, temperature=args.eval_temperature if sampled else EvalConfig.temperature)

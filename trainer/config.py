@@ -201,6 +201,7 @@ class EvalConfig:
     num_workers: int = 2
     envs_per_worker: int = 10
     greedy: bool = True
+    temperature: float = 1.0  # sampled actions come from softmax(logits / temperature); unused when greedy
     max_steps: int = 96  # what `vla-mbpo collect` records: 12 chunks of 8
 
 
@@ -211,4 +212,6 @@ class EvalConfig:
         for name in ("episodes", "num_workers", "envs_per_worker", "max_steps"):
             _require(problems, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(problems, self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _require(problems, math.isfinite(self.temperature) and self.temperature > 0,
+                 f"temperature must be finite and > 0, got {self.temperature}")
         _raise_if("EvalConfig", problems)

@@ -55,13 +55,14 @@ def family_name(env_id: str) -> str:
 
 def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool, group_size: int, max_steps: int,
                  generator: torch.Generator | None = None, record: bool = False,
-                 post_success_steps: int = 0) -> list[EpisodeOutcome]:
+                 post_success_steps: int = 0, temperature: float = 1.0) -> list[EpisodeOutcome]:
     """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls.
 
     With `record`, every control step's frames are kept and each outcome carries its Episode (the replay
     buffer format), filmed on for `post_success_steps` steps after a success with the policy still acting;
     otherwise only the observation after each chunk is rendered. Success and `env_steps` are decided at
-    the first success (or at max_steps) either way, so recording never changes an evaluation.
+    the first success (or at max_steps) either way, so recording never changes an evaluation. Sampled
+    actions (not `greedy`) come from softmax(logits / temperature), as PPO trains them at that temperature.
     """
     import gymnasium as gym
 
@@ -88,7 +89,7 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
                 batch = make_batch(np.stack([observations[i]["head"] for i in active]),
                                    np.stack([observations[i]["wrist"] for i in active]),
                                    [envs[i].instruction for i in active], policy.config)
-                actions, _, _, _ = policy.act(batch, generator=generator, greedy=greedy)
+                actions, _, _, _ = policy.act(batch, generator=generator, greedy=greedy, temperature=temperature)
                 still_active = []
                 for row, i in enumerate(active):
                     chunk_actions = actions[row, :chunk].numpy()  # [k, 4]
@@ -113,12 +114,13 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
     return outcomes
 
 
-def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool, int]) -> list[EpisodeOutcome]:
-    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record, post_success_steps = args
+def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool, int, float]) -> list[EpisodeOutcome]:
+    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record, post_success_steps, temperature \
+        = args
     torch.set_num_threads(1)  # the workers already use every core
     policy, _ = load_policy(Path(policy_dir))
     return run_episodes(policy, env_id, seeds, greedy, group_size, max_steps,
-                        torch.Generator().manual_seed(sample_seed), record, post_success_steps)
+                        torch.Generator().manual_seed(sample_seed), record, post_success_steps, temperature)
 
 
 def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
@@ -133,7 +135,8 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
         per_job = max(1, -(-len(seeds) // config.num_workers))
         for k in range(0, len(seeds), per_job):
             jobs.append((str(policy_dir), env_id, seeds[k: k + per_job], config.greedy, config.envs_per_worker,
-                         config.max_steps, config.seed + 7919 * len(jobs), record, post_success_steps))
+                         config.max_steps, config.seed + 7919 * len(jobs), record, post_success_steps,
+                         config.temperature))
     if config.num_workers == 1:
         results = [_worker(job) for job in jobs]
     else:
@@ -150,7 +153,8 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
 
 def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, stage: str,
                          iteration: int) -> dict[str, float]:
-    """Real-env success of a policy being trained, as metric records (`real/success_*`).
+    """Real-env success of a policy being trained, as metric records (`real/success_*`; a sampled evaluation
+    adds `real/eval_temperature`).
 
     The policy is saved to OUT/eval_snapshot first so that worker processes can load it."""
     snapshot = out_dir / "eval_snapshot"
@@ -158,6 +162,8 @@ def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, s
     result = evaluate_policy(snapshot, config)
     out = {"real/success_mean": result.mean_success}
     out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
+    if not config.greedy:  # a sampled evaluation says so in the record: the mode is the default rule
+        out["real/eval_temperature"] = config.temperature
     return out
 
 
@@ -190,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=defaults.num_workers, help="worker processes")
     parser.add_argument("--envs-per-worker", type=int, default=defaults.envs_per_worker)
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the mode")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"with --sample: sample from softmax(logits / T) (default {defaults.temperature})")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--record-to", type=Path, default=None,
                         help="also append every episode (all frames) to this replay-buffer directory")
@@ -202,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
+    if args.temperature is not None and not args.sample:
+        print("vla-mbpo evaluate: error: --temperature needs --sample (the mode does not depend on it)",
+              file=sys.stderr)
+        return 2
+    temperature = EvalConfig.temperature if args.temperature is None else args.temperature
     config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
-                        num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample)
+                        num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample,
+                        temperature=temperature)
     if args.post_success_steps < 0:
         print(f"vla-mbpo evaluate: error: --post-success-steps must be >= 0, got {args.post_success_steps}",
               file=sys.stderr)

@@ -3,7 +3,8 @@
 Each `--run LABEL=DIR` is one seed of one method. A training run (`vla-mbpo train`, `train-online-ppo`)
 contributes its last evaluated record of DIR/metrics.jsonl; a directory without one (an SFT policy, whose
 metrics.jsonl holds only its losses, evaluated by `sft --eval-episodes` or `evaluate --out DIR/eval.json`)
-contributes DIR/eval.json.
+contributes DIR/eval.json. With `--eval-file NAME` every run contributes DIR/NAME instead (an `evaluate --out`
+JSON, e.g. the final policy sampled at a temperature), its real env steps still read from its metrics.
 Per method: real success per seed, mean, sample std and min..max, per task family too, and the real env
 steps spent. Writes OUT/results.json, OUT/results.md and, for training runs, the learning curves.
 """
@@ -38,8 +39,11 @@ class RunResult:
     iteration: int | None
 
 
-def read_run(run_dir: Path) -> RunResult:
-    """The last evaluated record of a training run, or a policy directory's eval.json."""
+def read_run(run_dir: Path, eval_file: str | None = None) -> RunResult:
+    """The last evaluated record of a training run, or a policy directory's eval.json; with `eval_file`, that
+    file of the run directory (the real env steps and iteration of a training run from its last record)."""
+    if eval_file is not None:
+        return _read_named_evaluation(run_dir, eval_file)
     metrics = run_dir / METRICS_FILE
     evaluation = run_dir / EVAL_FILE
     evaluated = [r for r in read_metrics(metrics) if SUCCESS_KEY in r] if metrics.is_file() else []
@@ -57,6 +61,22 @@ def read_run(run_dir: Path) -> RunResult:
         raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}) and {run_dir} has no {EVAL_FILE}; "
                           "train with --eval-episodes > 0 or run `vla-mbpo evaluate --out DIR/eval.json`")
     raise ReportError(f"{run_dir} has neither {METRICS_FILE} nor {EVAL_FILE}")
+
+
+def _read_named_evaluation(run_dir: Path, eval_file: str) -> RunResult:
+    path = run_dir / eval_file
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist; write it with `vla-mbpo evaluate --policy ... --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+        mean, rates = float(data["mean_success"]), {k: float(v) for k, v in data["success_rate"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ReportError(f"{path} is not an `evaluate --out` JSON (mean_success, success_rate): {exc!r}") from exc
+    metrics = run_dir / METRICS_FILE
+    trained = [r for r in read_metrics(metrics) if "real_env_steps" in r] if metrics.is_file() else []
+    steps, iteration = (int(trained[-1]["real_env_steps"]), int(trained[-1].get("iteration", 0))) if trained else \
+        (None, None)
+    return RunResult(str(run_dir), mean, rates, steps, iteration)
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -88,14 +108,17 @@ def format_results(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | None = None) -> dict[str, dict]:
-    """Reads every run, writes results.json/results.md and the learning curves; returns the summary."""
-    summary = {label: method_summary([read_run(d) for d in dirs]) for label, dirs in runs.items()}
+def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | None = None,
+                 eval_file: str | None = None) -> dict[str, dict]:
+    """Reads every run, writes results.json/results.md and the learning curves; returns the summary.
+    With `eval_file` the table comes from that file of every run and no curves are drawn (the in-training
+    evaluations they plot may follow another rule)."""
+    summary = {label: method_summary([read_run(d, eval_file) for d in dirs]) for label, dirs in runs.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "results.md").write_text(format_results(summary) + "\n")
     curves = {label: [d / METRICS_FILE for d in dirs] for label, dirs in runs.items()
-              if all(r["iteration"] is not None for r in summary[label]["runs"])}
+              if eval_file is None and all(r["iteration"] is not None for r in summary[label]["runs"])}
     sft = summary[sft_label]["success"]["mean"] if sft_label in summary else None
     if curves:
         plot_learning_curves(curves, out_dir, sft)
@@ -108,6 +131,8 @@ def main(argv: list[str]) -> int:
                         help="one seed of one method (the last '=' ends the label); repeat the label for more seeds")
     parser.add_argument("--sft-label", default="SFT", help="the label drawn as the reference line in the plots")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json/.md and the PNGs")
+    parser.add_argument("--eval-file", default=None, metavar="NAME",
+                        help="read every run's DIR/NAME (an `evaluate --out` JSON) instead of its metrics; no plots")
     args = parser.parse_args(argv)
     runs: dict[str, list[Path]] = {}
     for item in args.run:
@@ -116,7 +141,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"--run needs LABEL=DIR, got {item!r}")
         runs.setdefault(label, []).append(Path(path))
     try:
-        summary = build_report(runs, args.out, args.sft_label)
+        summary = build_report(runs, args.out, args.sft_label, args.eval_file)
     except ReportError as exc:
         parser.error(str(exc))
     print(format_results(summary))

@@ -1,9 +1,12 @@
 """Real-env evaluation: seeded episodes, step accounting, recording into the replay-buffer format."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 
+from trainer.cli_args import add_eval_arguments, eval_config_from_args
 from trainer.config import ConfigError, EvalConfig, PolicyConfig
 from trainer.data import EpisodeDataset
 from trainer.evaluate import (
@@ -51,6 +54,22 @@ def test_evaluation_during_training_snapshots_the_policy(tmp_path):
     metrics = evaluate_in_training(VlaPolicy(SMALL), tmp_path, config, stage="mbpo", iteration=3)
     assert metrics == {"real/success_mean": 0.0, "real/success_lift": 0.0}
     assert (tmp_path / "eval_snapshot").is_dir()
+    sampled = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=7, num_workers=1, max_steps=8, greedy=False,
+                         temperature=0.5)
+    metrics = evaluate_in_training(VlaPolicy(SMALL), tmp_path, sampled, stage="mbpo", iteration=3)
+    assert metrics == {"real/success_mean": 0.0, "real/success_lift": 0.0, "real/eval_temperature": 0.5}
+
+
+def test_training_loops_evaluate_at_the_mode_unless_given_a_temperature():
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser, eval_every=5, eval_episodes=100)
+    mode = eval_config_from_args(parser.parse_args([]))
+    assert (mode.greedy, mode.temperature, mode.episodes) == (True, 1.0, 100)
+    sampled = eval_config_from_args(parser.parse_args(["--eval-temperature", "0.5"]))
+    assert (sampled.greedy, sampled.temperature) == (False, 0.5)
+    assert eval_config_from_args(parser.parse_args(["--eval-episodes", "0"])) is None
+    with pytest.raises(ConfigError, match="temperature must be finite and > 0, got -1.0"):
+        eval_config_from_args(parser.parse_args(["--eval-temperature", "-1"]))
 
 
 def test_recorded_episodes_become_a_replay_buffer(policy_dir, tmp_path):
@@ -73,6 +92,20 @@ def test_format_table_exact():
 def test_eval_config_validation():
     with pytest.raises(ConfigError, match="invalid EvalConfig: episodes must be >= 1, got 0"):
         EvalConfig(episodes=0)
+    with pytest.raises(ConfigError, match="invalid EvalConfig: temperature must be finite and > 0, got 0.0"):
+        EvalConfig(temperature=0.0)
+
+
+def test_sampling_temperature_reaches_the_policy(policy_dir):
+    """A near-zero temperature samples the mode; temperature 1 does not: the option is what the actions use."""
+    def recorded_actions(greedy: bool, temperature: float) -> np.ndarray:
+        config = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=5, num_workers=1, max_steps=16,
+                            greedy=greedy, temperature=temperature)
+        return evaluate_policy(policy_dir, config, record=True).episodes[0].episode.actions
+
+    mode = recorded_actions(greedy=True, temperature=1.0)
+    assert np.array_equal(recorded_actions(greedy=False, temperature=1e-4), mode)
+    assert not np.array_equal(recorded_actions(greedy=False, temperature=1.0), mode)
 
 
 def test_worker_processes_give_the_same_outcomes_as_in_process(policy_dir):
@@ -131,3 +164,10 @@ def test_recording_with_post_success_steps_keeps_the_evaluation(policy_dir):
     filmed = evaluate_policy(policy_dir, config, record=True, post_success_steps=16)
     assert [(o.success, o.env_steps, o.episode.num_steps) for o in filmed.episodes] == \
         [(o.success, o.env_steps, o.episode.num_steps) for o in plain.episodes] == [(False, 12, 12)] * 2
+
+
+def test_cli_rejects_a_temperature_without_sampling(policy_dir, capsys):
+    from trainer.evaluate import main
+
+    assert main(["--policy", str(policy_dir), "--temperature", "0.5"]) == 2
+    assert "--temperature needs --sample" in capsys.readouterr().err

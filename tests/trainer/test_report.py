@@ -64,6 +64,25 @@ def test_report_names_a_run_without_results(tmp_path):
         report.read_run(unevaluated)
 
 
+def test_report_reads_a_named_evaluation_of_every_run(tmp_path):
+    """--eval-file: the table from DIR/NAME (steps of a training run still from its metrics), no curves."""
+    trained = write_training_run(tmp_path / "ppo", (0.3, 0.3, 0.3), steps=26_082)
+    sft = write_sft_eval(tmp_path / "sft", {"lift": 0.3, "push": 0.0, "place": 0.0})
+    for run, rate in ((trained, 0.5), (sft, 0.25)):
+        (run / "eval_t0.5.json").write_text(json.dumps({"success_rate": {"lift": rate, "push": rate, "place": rate},
+                                                         "mean_success": rate}))
+    summary = report.build_report({"SFT": [sft], "PPO": [trained]}, tmp_path / "out", eval_file="eval_t0.5.json")
+    assert summary["PPO"]["runs"] == [{"run_dir": str(trained), "mean_success": 0.5, "real_env_steps": 26_082,
+                                       "iteration": 2, "success_rate": {"lift": 0.5, "push": 0.5, "place": 0.5}}]
+    assert summary["SFT"]["success"]["mean"] == 0.25 and summary["SFT"]["real_env_steps"] == []
+    assert not list((tmp_path / "out").glob("*.png"))
+    with pytest.raises(report.ReportError, match=f"{tmp_path / 'ppo' / 'missing.json'} does not exist"):
+        report.read_run(trained, "missing.json")
+    (trained / "bad.json").write_text(json.dumps({"success_rate": {}}))
+    with pytest.raises(report.ReportError, match="bad.json is not an `evaluate --out` JSON"):
+        report.read_run(trained, "bad.json")
+
+
 def test_report_cli_rejects_a_malformed_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main(["--run", "nolabel", "--out", str(tmp_path)])
