@@ -114,13 +114,26 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
     return outcomes
 
 
-def _worker(args: tuple[str, str, list[int], bool, int, int, int, bool, int, float]) -> list[EpisodeOutcome]:
-    policy_dir, env_id, seeds, greedy, group_size, max_steps, sample_seed, record, post_success_steps, temperature \
-        = args
+@dataclass(frozen=True)
+class _EvalJob:
+    """One worker's share: some seeds of one env, with its own sample stream."""
+
+    policy_dir: str
+    env_id: str
+    seeds: list[int]
+    config: EvalConfig
+    sample_seed: int
+    record: bool
+    post_success_steps: int
+
+
+def _worker(job: _EvalJob) -> list[EpisodeOutcome]:
     torch.set_num_threads(1)  # the workers already use every core
-    policy, _ = load_policy(Path(policy_dir))
-    return run_episodes(policy, env_id, seeds, greedy, group_size, max_steps,
-                        torch.Generator().manual_seed(sample_seed), record, post_success_steps, temperature)
+    policy, _ = load_policy(Path(job.policy_dir))
+    c = job.config
+    return run_episodes(policy, job.env_id, job.seeds, c.greedy, c.envs_per_worker, c.max_steps,
+                        torch.Generator().manual_seed(job.sample_seed), job.record, job.post_success_steps,
+                        c.temperature)
 
 
 def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
@@ -134,9 +147,8 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
         seeds = [config.seed + j for j in range(config.episodes)]
         per_job = max(1, -(-len(seeds) // config.num_workers))
         for k in range(0, len(seeds), per_job):
-            jobs.append((str(policy_dir), env_id, seeds[k: k + per_job], config.greedy, config.envs_per_worker,
-                         config.max_steps, config.seed + 7919 * len(jobs), record, post_success_steps,
-                         config.temperature))
+            jobs.append(_EvalJob(str(policy_dir), env_id, seeds[k: k + per_job], config, config.seed + 7919 * len(jobs),
+                                 record, post_success_steps))
     if config.num_workers == 1:
         results = [_worker(job) for job in jobs]
     else:

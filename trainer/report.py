@@ -54,24 +54,27 @@ def read_run(run_dir: Path, eval_file: str | None = None) -> RunResult:
         return RunResult(str(run_dir), float(last[SUCCESS_KEY]), families, int(last.get("real_env_steps", 0)),
                          int(last.get("iteration", 0)))
     if evaluation.is_file():
-        data = json.loads(evaluation.read_text())
-        return RunResult(str(run_dir), float(data["mean_success"]), {k: float(v) for k, v in
-                                                                      data["success_rate"].items()}, None, None)
+        return RunResult(str(run_dir), *read_evaluation(evaluation), None, None)
     if metrics.is_file():
         raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}) and {run_dir} has no {EVAL_FILE}; "
                           "train with --eval-episodes > 0 or run `vla-mbpo evaluate --out DIR/eval.json`")
     raise ReportError(f"{run_dir} has neither {METRICS_FILE} nor {EVAL_FILE}")
 
 
-def _read_named_evaluation(run_dir: Path, eval_file: str) -> RunResult:
-    path = run_dir / eval_file
+def read_evaluation(path: Path) -> tuple[float, dict[str, float]]:
+    """(mean success, family -> success) of an `evaluate --out` JSON; a ReportError naming a missing or
+    malformed file."""
     if not path.is_file():
         raise ReportError(f"{path} does not exist; write it with `vla-mbpo evaluate --policy ... --out {path}`")
     try:
         data = json.loads(path.read_text())
-        mean, rates = float(data["mean_success"]), {k: float(v) for k, v in data["success_rate"].items()}
+        return float(data["mean_success"]), {k: float(v) for k, v in data["success_rate"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReportError(f"{path} is not an `evaluate --out` JSON (mean_success, success_rate): {exc!r}") from exc
+
+
+def _read_named_evaluation(run_dir: Path, eval_file: str) -> RunResult:
+    mean, rates = read_evaluation(run_dir / eval_file)
     metrics = run_dir / METRICS_FILE
     trained = [r for r in read_metrics(metrics) if "real_env_steps" in r] if metrics.is_file() else []
     steps, iteration = (int(trained[-1]["real_env_steps"]), int(trained[-1].get("iteration", 0))) if trained else \
