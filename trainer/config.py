@@ -202,8 +202,13 @@ class EvalConfig:
     envs_per_worker: int = 10
     greedy: bool = True
     temperature: float = 1.0  # sampled actions come from softmax(logits / temperature); unused when greedy
+    sample_seed: int = 0  # with the episode's env id and seed, picks its sample stream; unused when greedy
     max_steps: int = 96  # what `vla-mbpo collect` records: 12 chunks of 8
 
+    @property
+    def action_rule(self) -> str:
+        """How actions are chosen, the part of an evaluation two table rows must share: "mode" or "sampled T=..."."""
+        return action_rule(self.greedy, self.temperature)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_ids", tuple(self.env_ids))
@@ -212,6 +217,12 @@ class EvalConfig:
         for name in ("episodes", "num_workers", "envs_per_worker", "max_steps"):
             _require(problems, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(problems, self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _require(problems, self.sample_seed >= 0, f"sample_seed must be >= 0, got {self.sample_seed}")
         _require(problems, math.isfinite(self.temperature) and self.temperature > 0,
                  f"temperature must be finite and > 0, got {self.temperature}")
         _raise_if("EvalConfig", problems)
+
+
+def action_rule(greedy: bool, temperature: float) -> str:
+    """"mode", or "sampled T=0.5": the label of an evaluation's action rule (evaluate writes it, report checks it)."""
+    return "mode" if greedy else f"sampled T={temperature:g}"

@@ -2,7 +2,10 @@
 
 `vla-mbpo evaluate --policy CKPT --episodes 100 --seed S` runs `episodes` episodes of every task family
 (episode j uses env seed S + j, so two policies meet exactly the same scenes) and prints the success rate
-per family and their mean. Each worker steps a group of envs in lockstep so the policy runs batched.
+per family and their mean. Each worker steps a group of envs in lockstep so the policy runs batched. Sampled
+actions (`--sample`) draw from one stream per episode, seeded by (sample seed, env id, env seed): how the
+episodes are split over workers and groups does not change a sampled result, and two policies evaluated with
+the same seeds meet the same noise as well as the same scenes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 
 from trainer.config import EvalConfig
 from trainer.data import DatasetMeta, Episode, EpisodeRecorder, EpisodeWriter
+from trainer.plots import EVAL_TEMPERATURE_KEY
 from trainer.policy import VlaPolicy, load_policy, make_batch, save_policy
 
 
@@ -41,11 +46,17 @@ class EvalResult:
     mean_success: float
     episodes: tuple[EpisodeOutcome, ...]
     seconds: float
+    config: EvalConfig | None = None  # the rule it followed, written into its JSON
 
     def to_json(self) -> dict:
-        return {"success_rate": self.success_rate, "mean_success": self.mean_success, "seconds": self.seconds,
-                "episodes": [{"env_id": e.env_id, "seed": e.seed, "success": e.success, "env_steps": e.env_steps}
-                             for e in self.episodes]}
+        out = {"success_rate": self.success_rate, "mean_success": self.mean_success, "seconds": self.seconds}
+        if self.config is not None:
+            c = self.config
+            out.update({"action_rule": c.action_rule, "seed": c.seed, "episodes_per_family": c.episodes,
+                        "sample_seed": None if c.greedy else c.sample_seed})
+        out["episodes"] = [{"env_id": e.env_id, "seed": e.seed, "success": e.success, "env_steps": e.env_steps}
+                           for e in self.episodes]
+        return out
 
 
 def family_name(env_id: str) -> str:
@@ -53,8 +64,15 @@ def family_name(env_id: str) -> str:
     return env_id.split("/")[-1].split("-")[0].lower()
 
 
+def episode_generator(sample_seed: int, env_id: str, env_seed: int) -> torch.Generator:
+    """The sample stream of one episode, a function of the evaluation's sample seed, the env id and the env
+    seed only (families share env seeds, so the id is part of it)."""
+    entropy = [sample_seed, zlib.crc32(env_id.encode()), env_seed]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+
 def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool, group_size: int, max_steps: int,
-                 generator: torch.Generator | None = None, record: bool = False,
+                 sample_seed: int = 0, record: bool = False,
                  post_success_steps: int = 0, temperature: float = 1.0) -> list[EpisodeOutcome]:
     """Runs one episode per seed, `group_size` envs at a time in lockstep with batched policy calls.
 
@@ -62,7 +80,8 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
     buffer format), filmed on for `post_success_steps` steps after a success with the policy still acting;
     otherwise only the observation after each chunk is rendered. Success and `env_steps` are decided at
     the first success (or at max_steps) either way, so recording never changes an evaluation. Sampled
-    actions (not `greedy`) come from softmax(logits / temperature), as PPO trains them at that temperature.
+    actions (not `greedy`) come from softmax(logits / temperature), as PPO trains them at that temperature,
+    each episode drawing from its own `episode_generator` stream.
     """
     import gymnasium as gym
 
@@ -79,6 +98,7 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
         for start in range(0, len(seeds), len(envs)):
             group = seeds[start: start + len(envs)]
             observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, group, strict=False)]
+            generators = [episode_generator(sample_seed, env_id, seed) for seed in group]
             steps = [0] * len(group)
             success = [False] * len(group)
             recorders = [EpisodeRecorder(obs, env.instruction, env.task_family, seed, max_steps,
@@ -89,7 +109,8 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
                 batch = make_batch(np.stack([observations[i]["head"] for i in active]),
                                    np.stack([observations[i]["wrist"] for i in active]),
                                    [envs[i].instruction for i in active], policy.config)
-                actions, _, _, _ = policy.act(batch, generator=generator, greedy=greedy, temperature=temperature)
+                actions, _, _, _ = policy.act(batch, generator=[generators[i] for i in active], greedy=greedy,
+                                              temperature=temperature)
                 still_active = []
                 for row, i in enumerate(active):
                     chunk_actions = actions[row, :chunk].numpy()  # [k, 4]
@@ -116,13 +137,12 @@ def run_episodes(policy: VlaPolicy, env_id: str, seeds: list[int], greedy: bool,
 
 @dataclass(frozen=True)
 class _EvalJob:
-    """One worker's share: some seeds of one env, with its own sample stream."""
+    """One worker's share: some seeds of one env."""
 
     policy_dir: str
     env_id: str
     seeds: list[int]
     config: EvalConfig
-    sample_seed: int
     record: bool
     post_success_steps: int
 
@@ -131,9 +151,8 @@ def _worker(job: _EvalJob) -> list[EpisodeOutcome]:
     torch.set_num_threads(1)  # the workers already use every core
     policy, _ = load_policy(Path(job.policy_dir))
     c = job.config
-    return run_episodes(policy, job.env_id, job.seeds, c.greedy, c.envs_per_worker, c.max_steps,
-                        torch.Generator().manual_seed(job.sample_seed), job.record, job.post_success_steps,
-                        c.temperature)
+    return run_episodes(policy, job.env_id, job.seeds, c.greedy, c.envs_per_worker, c.max_steps, c.sample_seed,
+                        job.record, job.post_success_steps, c.temperature)
 
 
 def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
@@ -147,8 +166,7 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
         seeds = [config.seed + j for j in range(config.episodes)]
         per_job = max(1, -(-len(seeds) // config.num_workers))
         for k in range(0, len(seeds), per_job):
-            jobs.append(_EvalJob(str(policy_dir), env_id, seeds[k: k + per_job], config, config.seed + 7919 * len(jobs),
-                                 record, post_success_steps))
+            jobs.append(_EvalJob(str(policy_dir), env_id, seeds[k: k + per_job], config, record, post_success_steps))
     if config.num_workers == 1:
         results = [_worker(job) for job in jobs]
     else:
@@ -160,7 +178,7 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
     for env_id in config.env_ids:
         mine = [o.success for o in outcomes if o.env_id == env_id]
         rates[family_name(env_id)] = float(np.mean(mine))
-    return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started)
+    return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started, config)
 
 
 def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, stage: str,
@@ -175,7 +193,7 @@ def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, s
     out = {"real/success_mean": result.mean_success}
     out.update({f"real/success_{family}": rate for family, rate in result.success_rate.items()})
     if not config.greedy:  # a sampled evaluation says so in the record: the mode is the default rule
-        out["real/eval_temperature"] = config.temperature
+        out[EVAL_TEMPERATURE_KEY] = config.temperature
     return out
 
 
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", action="store_true", help="sample actions instead of taking the mode")
     parser.add_argument("--temperature", type=float, default=None,
                         help=f"with --sample: sample from softmax(logits / T) (default {defaults.temperature})")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="with --sample: other action samples over the same scenes "
+                             f"(default {defaults.sample_seed})")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     parser.add_argument("--record-to", type=Path, default=None,
                         help="also append every episode (all frames) to this replay-buffer directory")
@@ -222,14 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
-    if args.temperature is not None and not args.sample:
-        print("vla-mbpo evaluate: error: --temperature needs --sample (the mode does not depend on it)",
-              file=sys.stderr)
-        return 2
+    for flag, value in (("--temperature", args.temperature), ("--sample-seed", args.sample_seed)):
+        if value is not None and not args.sample:
+            print(f"vla-mbpo evaluate: error: {flag} needs --sample (the mode does not depend on it)", file=sys.stderr)
+            return 2
     temperature = EvalConfig.temperature if args.temperature is None else args.temperature
+    sample_seed = EvalConfig.sample_seed if args.sample_seed is None else args.sample_seed
     config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
                         num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample,
-                        temperature=temperature)
+                        temperature=temperature, sample_seed=sample_seed)
     if args.post_success_steps < 0:
         print(f"vla-mbpo evaluate: error: --post-success-steps must be >= 0, got {args.post_success_steps}",
               file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 SUCCESS_KEY = "real/success_mean"
+EVAL_TEMPERATURE_KEY = "real/eval_temperature"  # in the record of a sampled in-training evaluation only
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ paper: value regression never moves the features the actor uses.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,10 +97,24 @@ def chunk_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_bins(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0) -> torch.Tensor:
-    """Draws one bin per action dim. logits [B, D, nb] -> [B, D] int64."""
+    """Draws one bin per action dim from one stream for the whole batch. logits [B, D, nb] -> [B, D] int64."""
     probs = F.softmax(logits.float() / temperature, dim=-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return flat.reshape(probs.shape[:-1])
+
+
+def sample_bins_per_row(logits: torch.Tensor, generators: Sequence[torch.Generator],
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Draws one bin per action dim, row b from its own stream `generators[b]`: a row's draw does not depend on
+    which other rows share the batch (inverse CDF of one uniform per dim). logits [B, D, nb] -> [B, D] int64."""
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"one generator per batch row: got {len(generators)} for {logits.shape[0]} rows")
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    uniforms = torch.stack([torch.rand(logits.shape[1], generator=g) for g in generators])  # [B, D]
+    cdf = probs.cumsum(-1)  # [B, D, nb]
+    # right=True: the first bin whose cdf exceeds u, so a zero-probability bin (cdf equal to its left) is never drawn
+    bins = torch.searchsorted(cdf, uniforms.unsqueeze(-1), right=True).squeeze(-1)
+    return bins.clamp(max=logits.shape[-1] - 1)  # u above a float cdf that ends just below 1
 
 
 class SpatialSoftmax(nn.Module):
@@ -216,13 +231,19 @@ class VlaPolicy(nn.Module):
         return list(self.critic.parameters())
 
     @torch.no_grad()
-    def act(self, batch: PolicyBatch, generator: torch.Generator | None = None, greedy: bool = False,
-            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def act(self, batch: PolicyBatch, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+            greedy: bool = False, temperature: float = 1.0,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chooses action chunks from softmax(logits / temperature), the distribution PPO then trains (its
-        log-probs are of that tempered distribution). Returns (actions [B, k, d], bins [B, D], log_probs [B],
-        values [B])."""
+        log-probs are of that tempered distribution). `generator`: one stream for the batch, or one per row
+        (see `sample_bins_per_row`). Returns (actions [B, k, d], bins [B, D], log_probs [B], values [B])."""
         out = self(batch)
-        bins = out.logits.argmax(-1) if greedy else sample_bins(out.logits, generator, temperature)
+        if greedy:
+            bins = out.logits.argmax(-1)
+        elif isinstance(generator, (list, tuple)):
+            bins = sample_bins_per_row(out.logits, generator, temperature)
+        else:
+            bins = sample_bins(out.logits, generator, temperature)
         return bins_to_actions(bins, self.config), bins, chunk_log_prob(out.logits / temperature, bins), out.values
 
 

@@ -6,7 +6,11 @@ metrics.jsonl holds only its losses, evaluated by `sft --eval-episodes` or `eval
 contributes DIR/eval.json. With `--eval-file NAME` every run contributes DIR/NAME instead (an `evaluate --out`
 JSON, e.g. the final policy sampled at a temperature), its real env steps still read from its metrics.
 Per method: real success per seed, mean, sample std and min..max, per task family too, and the real env
-steps spent. Writes OUT/results.json, OUT/results.md and, for training runs, the learning curves.
+steps spent. Every run of one report must follow one action rule (the mode, or sampling at one temperature):
+a table that mixes them is refused, naming the runs of each rule. From `--eval-file` tables whose baseline
+(`--sft-label`) is one run evaluated on the same episodes, each method also gets its paired difference to it
+(`trainer.paired_comparison`). Writes OUT/results.json, OUT/results.md and, for training runs, the learning
+curves.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.plots import SUCCESS_KEY, plot_learning_curves, read_metrics
+from trainer.config import action_rule
+from trainer.paired_comparison import paired_difference, read_episode_outcomes
+from trainer.plots import EVAL_TEMPERATURE_KEY, SUCCESS_KEY, plot_learning_curves, read_metrics
 
 FAMILY_PREFIX = "real/success_"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+UNRECORDED_RULE = "unrecorded"  # an `evaluate --out` JSON written before evaluations recorded their rule
 
 
 class ReportError(ValueError):
@@ -37,6 +44,7 @@ class RunResult:
     success_rate: dict[str, float]  # family -> fraction
     real_env_steps: int | None  # None for a policy that was not trained by RL (SFT)
     iteration: int | None
+    action_rule: str  # "mode", "sampled T=...", or UNRECORDED_RULE
 
 
 def read_run(run_dir: Path, eval_file: str | None = None) -> RunResult:
@@ -51,35 +59,51 @@ def read_run(run_dir: Path, eval_file: str | None = None) -> RunResult:
         last = evaluated[-1]
         families = {k[len(FAMILY_PREFIX):]: float(v) for k, v in last.items()
                     if k.startswith(FAMILY_PREFIX) and k != SUCCESS_KEY}
+        rule = action_rule(EVAL_TEMPERATURE_KEY not in last, float(last.get(EVAL_TEMPERATURE_KEY, 1.0)))
         return RunResult(str(run_dir), float(last[SUCCESS_KEY]), families, int(last.get("real_env_steps", 0)),
-                         int(last.get("iteration", 0)))
+                         int(last.get("iteration", 0)), rule)
     if evaluation.is_file():
-        return RunResult(str(run_dir), *read_evaluation(evaluation), None, None)
+        mean, rates, rule = read_evaluation(evaluation)
+        return RunResult(str(run_dir), mean, rates, None, None, rule)
     if metrics.is_file():
         raise ReportError(f"{metrics} holds no evaluated record ({SUCCESS_KEY}) and {run_dir} has no {EVAL_FILE}; "
                           "train with --eval-episodes > 0 or run `vla-mbpo evaluate --out DIR/eval.json`")
     raise ReportError(f"{run_dir} has neither {METRICS_FILE} nor {EVAL_FILE}")
 
 
-def read_evaluation(path: Path) -> tuple[float, dict[str, float]]:
-    """(mean success, family -> success) of an `evaluate --out` JSON; a ReportError naming a missing or
-    malformed file."""
+def read_evaluation(path: Path) -> tuple[float, dict[str, float], str]:
+    """(mean success, family -> success, action rule) of an `evaluate --out` JSON; a ReportError naming a
+    missing or malformed file."""
     if not path.is_file():
         raise ReportError(f"{path} does not exist; write it with `vla-mbpo evaluate --policy ... --out {path}`")
     try:
         data = json.loads(path.read_text())
-        return float(data["mean_success"]), {k: float(v) for k, v in data["success_rate"].items()}
+        rates = {k: float(v) for k, v in data["success_rate"].items()}
+        return float(data["mean_success"]), rates, str(data.get("action_rule", UNRECORDED_RULE))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReportError(f"{path} is not an `evaluate --out` JSON (mean_success, success_rate): {exc!r}") from exc
 
 
 def _read_named_evaluation(run_dir: Path, eval_file: str) -> RunResult:
-    mean, rates = read_evaluation(run_dir / eval_file)
+    mean, rates, rule = read_evaluation(run_dir / eval_file)
     metrics = run_dir / METRICS_FILE
     trained = [r for r in read_metrics(metrics) if "real_env_steps" in r] if metrics.is_file() else []
     steps, iteration = (int(trained[-1]["real_env_steps"]), int(trained[-1].get("iteration", 0))) if trained else \
         (None, None)
-    return RunResult(str(run_dir), mean, rates, steps, iteration)
+    return RunResult(str(run_dir), mean, rates, steps, iteration, rule)
+
+
+def check_one_action_rule(results: list[RunResult]) -> str:
+    """The action rule all `results` share; a ReportError naming the runs of each rule when they differ."""
+    by_rule: dict[str, list[str]] = {}
+    for r in results:
+        by_rule.setdefault(r.action_rule, []).append(r.run_dir)
+    if len(by_rule) == 1:
+        return next(iter(by_rule))
+    parts = "; ".join(f"{rule}: {', '.join(dirs)}" for rule, dirs in sorted(by_rule.items()))
+    hint = (f" ({UNRECORDED_RULE}: written before evaluations recorded their rule; re-run `vla-mbpo evaluate "
+            "--out`)") if UNRECORDED_RULE in by_rule else ""
+    raise ReportError(f"the runs of one table must follow one action rule, got {parts}{hint}")
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -96,30 +120,61 @@ def method_summary(results: list[RunResult]) -> dict:
             "real_env_steps": sorted(s for s in steps if s is not None), "runs": [asdict(r) for r in results]}
 
 
-def format_results(summary: dict[str, dict]) -> str:
-    """Markdown: one row per method, success % as mean +- std (min..max) over seeds, each seed's value."""
+def format_results(summary: dict[str, dict], baseline_label: str | None = None) -> str:
+    """Markdown: one row per method, success % as mean +- std (min..max) over seeds, each seed's value; with
+    paired differences in the summary, a last column of them (points, +- one standard error over episodes)."""
     families = sorted({f for m in summary.values() for f in m["per_family"]})
-    lines = ["| method | seeds | mean success % | " + " | ".join(families) + " | per seed | real env steps |",
-             "|---" * (len(families) + 5) + "|"]
+    paired = any("paired_vs_baseline" in m for m in summary.values())
+    extra = f" vs {baseline_label}, paired (points) |" if paired else ""
+    lines = ["| method | seeds | mean success % | " + " | ".join(families) + " | per seed | real env steps |" + extra,
+             "|---" * (len(families) + 5 + int(paired)) + "|"]
     for label, m in summary.items():
         s = m["success"]
         cells = [f"{100 * m['per_family'][f]['mean']:.1f}" if f in m["per_family"] else "" for f in families]
         per_seed = " / ".join(f"{100 * r['mean_success']:.1f}" for r in m["runs"])
         steps = ", ".join(str(x) for x in m["real_env_steps"]) or "-"
         spread = f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} ({100 * s['min']:.1f}..{100 * s['max']:.1f})"
-        lines.append(f"| {label} | {m['seeds']} | {spread} | " + " | ".join(cells) + f" | {per_seed} | {steps} |")
+        row = f"| {label} | {m['seeds']} | {spread} | " + " | ".join(cells) + f" | {per_seed} | {steps} |"
+        if paired:
+            d = m.get("paired_vs_baseline")
+            row += f" {100 * d['mean']:+.1f} +- {100 * d['se']:.1f} ({d['episodes']} episodes) |" if d else " - |"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def add_paired_differences(summary: dict[str, dict], runs: dict[str, list[Path]], baseline_label: str,
+                           eval_file: str) -> None:
+    """Adds `paired_vs_baseline` to every method evaluated on exactly the baseline's episodes."""
+    def outcomes(run_dir: Path) -> dict:
+        try:
+            return read_episode_outcomes(run_dir / eval_file)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+
+    baseline = outcomes(runs[baseline_label][0])
+    for label, dirs in runs.items():
+        if label == baseline_label:
+            continue
+        difference = paired_difference([outcomes(d) for d in dirs], baseline)
+        if difference is not None:
+            summary[label]["paired_vs_baseline"] = difference
 
 
 def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | None = None,
                  eval_file: str | None = None) -> dict[str, dict]:
     """Reads every run, writes results.json/results.md and the learning curves; returns the summary.
     With `eval_file` the table comes from that file of every run and no curves are drawn (the in-training
-    evaluations they plot may follow another rule)."""
-    summary = {label: method_summary([read_run(d, eval_file) for d in dirs]) for label, dirs in runs.items()}
+    evaluations they plot may follow another rule); a single `sft_label` run there is the baseline of the
+    paired differences."""
+    results = {label: [read_run(d, eval_file) for d in dirs] for label, dirs in runs.items()}
+    rule = check_one_action_rule([r for rs in results.values() for r in rs])
+    summary = {label: method_summary(rs) for label, rs in results.items()}
+    if eval_file is not None and sft_label in runs and len(runs[sft_label]) == 1:
+        add_paired_differences(summary, runs, sft_label, eval_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "results.md").write_text(format_results(summary) + "\n")
+    table = format_results(summary, sft_label)
+    (out_dir / "results.md").write_text(table + f"\n\nActions at evaluation: {rule}.\n")
     curves = {label: [d / METRICS_FILE for d in dirs] for label, dirs in runs.items()
               if eval_file is None and all(r["iteration"] is not None for r in summary[label]["runs"])}
     sft = summary[sft_label]["success"]["mean"] if sft_label in summary else None
@@ -147,6 +202,6 @@ def main(argv: list[str]) -> int:
         summary = build_report(runs, args.out, args.sft_label, args.eval_file)
     except ReportError as exc:
         parser.error(str(exc))
-    print(format_results(summary))
+    print(format_results(summary, args.sft_label))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
     return 0

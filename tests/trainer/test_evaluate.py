@@ -12,6 +12,7 @@ from trainer.data import EpisodeDataset
 from trainer.evaluate import (
     EpisodeOutcome,
     EvalResult,
+    episode_generator,
     evaluate_in_training,
     evaluate_policy,
     family_name,
@@ -94,6 +95,8 @@ def test_eval_config_validation():
         EvalConfig(episodes=0)
     with pytest.raises(ConfigError, match="invalid EvalConfig: temperature must be finite and > 0, got 0.0"):
         EvalConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="invalid EvalConfig: sample_seed must be >= 0, got -1"):
+        EvalConfig(sample_seed=-1)
 
 
 def test_sampling_temperature_reaches_the_policy(policy_dir):
@@ -106,6 +109,42 @@ def test_sampling_temperature_reaches_the_policy(policy_dir):
     mode = recorded_actions(greedy=True, temperature=1.0)
     assert np.array_equal(recorded_actions(greedy=False, temperature=1e-4), mode)
     assert not np.array_equal(recorded_actions(greedy=False, temperature=1.0), mode)
+
+
+def test_sampled_actions_do_not_depend_on_how_episodes_are_split(policy_dir):
+    """One sample stream per episode: groups of 1 or 3 envs, in one process or two, record the same actions;
+    another sample seed draws other actions over the same scenes."""
+    def recorded(**overrides) -> list[np.ndarray]:
+        settings = dict(env_ids=("VlaMbpo/Lift-v0", "VlaMbpo/Push-v0"), episodes=3, seed=5, num_workers=1,
+                        envs_per_worker=3, max_steps=16, greedy=False)
+        result = evaluate_policy(policy_dir, EvalConfig(**{**settings, **overrides}), record=True)
+        return [o.episode.actions for o in result.episodes]
+
+    together = recorded()
+    for split in (recorded(envs_per_worker=1), recorded(num_workers=2, envs_per_worker=2)):
+        assert all(np.array_equal(a, b) for a, b in zip(split, together, strict=True))
+    # lift and push share env seeds but not streams, and episodes do not share one
+    assert not np.array_equal(together[0], together[3]) and not np.array_equal(together[0], together[1])
+    assert not any(np.array_equal(a, b) for a, b in zip(recorded(sample_seed=1), together, strict=True))
+
+
+def test_episode_streams_are_fixed_by_sample_seed_env_and_env_seed():
+    first = episode_generator(0, "VlaMbpo/Lift-v0", 5).initial_seed()
+    assert first == episode_generator(0, "VlaMbpo/Lift-v0", 5).initial_seed()
+    assert len({first, episode_generator(1, "VlaMbpo/Lift-v0", 5).initial_seed(),
+                episode_generator(0, "VlaMbpo/Push-v0", 5).initial_seed(),
+                episode_generator(0, "VlaMbpo/Lift-v0", 6).initial_seed()}) == 4
+
+
+def test_evaluation_json_states_its_rule(policy_dir):
+    sampled = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=5, num_workers=1, max_steps=8, greedy=False,
+                         temperature=0.5, sample_seed=3)
+    out = evaluate_policy(policy_dir, sampled).to_json()
+    assert (out["action_rule"], out["seed"], out["episodes_per_family"], out["sample_seed"]) == \
+        ("sampled T=0.5", 5, 1, 3)
+    mode = evaluate_policy(policy_dir, EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=5, num_workers=1,
+                                                  max_steps=8, sample_seed=3)).to_json()
+    assert (mode["action_rule"], mode["sample_seed"]) == ("mode", None)
 
 
 def test_worker_processes_give_the_same_outcomes_as_in_process(policy_dir):
@@ -171,3 +210,5 @@ def test_cli_rejects_a_temperature_without_sampling(policy_dir, capsys):
 
     assert main(["--policy", str(policy_dir), "--temperature", "0.5"]) == 2
     assert "--temperature needs --sample" in capsys.readouterr().err
+    assert main(["--policy", str(policy_dir), "--sample-seed", "2"]) == 2
+    assert "--sample-seed needs --sample" in capsys.readouterr().err

@@ -24,3 +24,14 @@ def test_online_ppo_respects_the_step_budget(tmp_path):
     assert [r["train/episodes"] for r in records] == [2, 4]
     _, meta = load_policy(tmp_path / "policy")
     assert meta["real_env_steps"] == 80 and meta["stage"] == "online_ppo"
+
+
+def test_online_ppo_ends_without_a_runt_rollout(tmp_path):
+    """64 steps with rollouts of 3 chunks (48 steps): one rollout of 4 chunks, not 48 then a 16-step runt."""
+    torch.manual_seed(0)
+    config = OnlinePPOConfig(total_env_steps=64, num_envs=2, chunks_per_rollout=3)
+    trainer = OnlinePPOTrainer(VlaPolicy(SMALL), tmp_path, config, PPOConfig(updates_per_refill=1, minibatch_size=4),
+                               max_steps=16)
+    trainer.train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["real_env_steps"]) for r in records] == [(1, 64)]

@@ -18,6 +18,7 @@ from trainer.policy import (
     load_policy,
     make_batch,
     sample_bins,
+    sample_bins_per_row,
     save_policy,
 )
 
@@ -60,6 +61,30 @@ def test_sample_bins_follows_a_peaked_distribution():
     logits = torch.full((3, 5, 4), -1e4)
     logits[..., 2] = 0.0
     assert sample_bins(logits, torch.Generator().manual_seed(0)).tolist() == [[2] * 5] * 3
+
+
+def test_per_row_sampling_is_exact_inverse_cdf_and_ignores_the_other_rows():
+    logits = torch.log(torch.tensor([[[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]]]))  # [1, D=2, nb=3]
+    # torch.rand(2) with seed 0 is [0.4963, 0.7682]: u0 < 0.5 -> bin 0 (bin 1 has no mass), u1 >= 0.5 -> bin 2
+    assert sample_bins_per_row(logits, [torch.Generator().manual_seed(0)]).tolist() == [[0, 2]]
+    wide = torch.randn((5, 6, 9), generator=torch.Generator().manual_seed(3))
+    together = sample_bins_per_row(wide, [torch.Generator().manual_seed(10 + b) for b in range(5)], temperature=0.5)
+    alone = [sample_bins_per_row(wide[b:b + 1], [torch.Generator().manual_seed(10 + b)], temperature=0.5)
+             for b in (4, 1)]
+    assert torch.equal(torch.cat(alone), together[[4, 1]])
+    with pytest.raises(ValueError, match="one generator per batch row: got 1 for 5 rows"):
+        sample_bins_per_row(wide, [torch.Generator()])
+
+
+def test_per_row_sampling_follows_the_tempered_distribution():
+    logits = torch.log(torch.tensor([0.1, 0.6, 0.3])).expand(4000, 1, 3)
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(b) for b in range(4000)]
+
+    counts = torch.bincount(sample_bins_per_row(logits, generators()).reshape(-1), minlength=3).tolist()
+    assert counts == [410, 2385, 1205]  # expected 400 / 2400 / 1200 (one std ~ 19 / 31 / 29)
+    tempered = torch.bincount(sample_bins_per_row(logits, generators(), temperature=0.5).reshape(-1), minlength=3)
+    assert tempered.tolist() == [88, 3142, 770]  # p^2 renormalised: expected 87 / 3130 / 783
 
 
 def test_forward_shapes_and_act_log_probs_match_forward():

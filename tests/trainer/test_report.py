@@ -24,8 +24,15 @@ def write_sft_eval(path, rates):
     """Like `vla-mbpo sft --eval-episodes`: a metrics.jsonl of losses only, the evaluation in eval.json."""
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text(json.dumps({"step": 100, "sft/loss": 1.5}) + "\n")
-    (path / "eval.json").write_text(json.dumps({"success_rate": rates, "mean_success": sum(rates.values()) / 3}))
+    (path / "eval.json").write_text(json.dumps({"success_rate": rates, "mean_success": sum(rates.values()) / 3,
+                                                "action_rule": "mode"}))
     return path
+
+
+def write_evaluation(path, rate, rule):
+    """An `evaluate --out` JSON with one rate for every family."""
+    path.write_text(json.dumps({"success_rate": {"lift": rate, "push": rate, "place": rate}, "mean_success": rate,
+                                "action_rule": rule}))
 
 
 def test_report_table_has_exact_means_spreads_and_seeds(tmp_path):
@@ -69,18 +76,40 @@ def test_report_reads_a_named_evaluation_of_every_run(tmp_path):
     trained = write_training_run(tmp_path / "ppo", (0.3, 0.3, 0.3), steps=26_082)
     sft = write_sft_eval(tmp_path / "sft", {"lift": 0.3, "push": 0.0, "place": 0.0})
     for run, rate in ((trained, 0.5), (sft, 0.25)):
-        (run / "eval_t0.5.json").write_text(json.dumps({"success_rate": {"lift": rate, "push": rate, "place": rate},
-                                                         "mean_success": rate}))
+        write_evaluation(run / "eval_t0.5.json", rate, "sampled T=0.5")
     summary = report.build_report({"SFT": [sft], "PPO": [trained]}, tmp_path / "out", eval_file="eval_t0.5.json")
     assert summary["PPO"]["runs"] == [{"run_dir": str(trained), "mean_success": 0.5, "real_env_steps": 26_082,
-                                       "iteration": 2, "success_rate": {"lift": 0.5, "push": 0.5, "place": 0.5}}]
+                                       "iteration": 2, "success_rate": {"lift": 0.5, "push": 0.5, "place": 0.5},
+                                       "action_rule": "sampled T=0.5"}]
     assert summary["SFT"]["success"]["mean"] == 0.25 and summary["SFT"]["real_env_steps"] == []
+    assert (tmp_path / "out" / "results.md").read_text().splitlines()[-1] == "Actions at evaluation: sampled T=0.5."
     assert not list((tmp_path / "out").glob("*.png"))
     with pytest.raises(report.ReportError, match=f"{tmp_path / 'ppo' / 'missing.json'} does not exist"):
         report.read_run(trained, "missing.json")
     (trained / "bad.json").write_text(json.dumps({"success_rate": {}}))
     with pytest.raises(report.ReportError, match="bad.json is not an `evaluate --out` JSON"):
         report.read_run(trained, "bad.json")
+
+
+def test_report_refuses_a_table_that_mixes_action_rules(tmp_path):
+    """A sampled in-training evaluation (its record carries the temperature) next to mode ones is refused."""
+    mode = write_training_run(tmp_path / "mode", (0.3, 0.3, 0.3))
+    sampled = write_training_run(tmp_path / "sampled", (0.4, 0.4, 0.4))
+    records = (sampled / "metrics.jsonl").read_text().splitlines()
+    last = {**json.loads(records[-1]), "real/eval_temperature": 0.5}
+    (sampled / "metrics.jsonl").write_text("\n".join([*records[:-1], json.dumps(last)]) + "\n")
+    assert report.read_run(sampled).action_rule == "sampled T=0.5" and report.read_run(mode).action_rule == "mode"
+    with pytest.raises(report.ReportError, match=f"one action rule, got mode: {mode}; sampled T=0.5: {sampled}$"):
+        report.build_report({"A": [mode], "B": [sampled]}, tmp_path / "out")
+    for run, rule in ((mode, "sampled T=0.5"), (sampled, "sampled T=1")):
+        write_evaluation(run / "eval_t.json", 0.5, rule)
+    with pytest.raises(report.ReportError, match="sampled T=0.5: .*mode; sampled T=1: .*sampled$"):
+        report.build_report({"A": [mode, sampled]}, tmp_path / "out", eval_file="eval_t.json")
+    (mode / "old.json").write_text(json.dumps({"success_rate": {"lift": 0.1}, "mean_success": 0.1}))
+    write_evaluation(sampled / "old.json", 0.5, "mode")
+    with pytest.raises(report.ReportError, match="unrecorded: .*written before evaluations recorded their rule"):
+        report.build_report({"A": [mode, sampled]}, tmp_path / "out", eval_file="old.json")
+    assert not (tmp_path / "out").exists()  # nothing is written for a refused table
 
 
 def test_report_cli_rejects_a_malformed_run(tmp_path, capsys):
