@@ -208,7 +208,7 @@ class EvalConfig:
     @property
     def action_rule(self) -> str:
         """How actions are chosen, the part of an evaluation two table rows must share: "mode" or "sampled T=..."."""
-        return action_rule(self.greedy, self.temperature)
+        return format_action_rule(self.greedy, self.temperature)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env_ids", tuple(self.env_ids))
@@ -223,6 +223,7 @@ class EvalConfig:
         _raise_if("EvalConfig", problems)
 
 
-def action_rule(greedy: bool, temperature: float) -> str:
-    """"mode", or "sampled T=0.5": the label of an evaluation's action rule (evaluate writes it, report checks it)."""
+def format_action_rule(greedy: bool, temperature: float) -> str:
+    """The label of an evaluation's action rule, "mode" or e.g. "sampled T=0.5" (evaluate writes it, report checks
+    it)."""
     return "mode" if greedy else f"sampled T={temperature:g}"

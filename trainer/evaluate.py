@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import EvalConfig
+from trainer.config import ConfigError, EvalConfig
 from trainer.data import DatasetMeta, Episode, EpisodeRecorder, EpisodeWriter
 from trainer.plots import EVAL_TEMPERATURE_KEY
 from trainer.policy import VlaPolicy, load_policy, make_batch, save_policy
@@ -249,9 +249,13 @@ def main(argv: list[str]) -> int:
             return 2
     temperature = EvalConfig.temperature if args.temperature is None else args.temperature
     sample_seed = EvalConfig.sample_seed if args.sample_seed is None else args.sample_seed
-    config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
-                        num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample,
-                        temperature=temperature, sample_seed=sample_seed)
+    try:
+        config = EvalConfig(env_ids=tuple(args.tasks.split(",")), episodes=args.episodes, seed=args.seed,
+                            num_workers=args.workers, envs_per_worker=args.envs_per_worker, greedy=not args.sample,
+                            temperature=temperature, sample_seed=sample_seed)
+    except ConfigError as exc:
+        print(f"vla-mbpo evaluate: error: {exc}", file=sys.stderr)
+        return 2
     if args.post_success_steps < 0:
         print(f"vla-mbpo evaluate: error: --post-success-steps must be >= 0, got {args.post_success_steps}",
               file=sys.stderr)

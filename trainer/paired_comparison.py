@@ -3,8 +3,9 @@
 Two `evaluate --out` files with the same seeds hold the same scenes (and, sampled, the same per-episode noise),
 so an episode's outcome under the method minus its outcome under the baseline removes the scene-to-scene
 variance that dominates a 300-episode success rate. With several runs (training seeds) of the method, each
-episode's outcome is first averaged over the runs: the baseline's outcome of that episode is used once, so the
-standard error over episodes stays honest.
+episode's outcome is first averaged over the runs, so the baseline's outcome of that episode counts once. The
+standard error is over episodes, for these trained runs: it does not include how much another set of training
+seeds would differ (the per-seed column of the report shows that spread).
 """
 
 from __future__ import annotations

@@ -110,11 +110,14 @@ def sample_bins_per_row(logits: torch.Tensor, generators: Sequence[torch.Generat
     if len(generators) != logits.shape[0]:
         raise ValueError(f"one generator per batch row: got {len(generators)} for {logits.shape[0]} rows")
     probs = F.softmax(logits.float() / temperature, dim=-1)
-    uniforms = torch.stack([torch.rand(logits.shape[1], generator=g) for g in generators])  # [B, D]
+    uniforms = torch.stack([torch.rand(logits.shape[1], generator=g) for g in generators]).to(logits.device)  # [B, D]
     cdf = probs.cumsum(-1)  # [B, D, nb]
     # right=True: the first bin whose cdf exceeds u, so a zero-probability bin (cdf equal to its left) is never drawn
     bins = torch.searchsorted(cdf, uniforms.unsqueeze(-1), right=True).squeeze(-1)
-    return bins.clamp(max=logits.shape[-1] - 1)  # u above a float cdf that ends just below 1
+    # a float cdf can end just below 1: a u above it takes the last bin that has mass
+    num_bins = logits.shape[-1]
+    last_with_mass = num_bins - 1 - torch.flip(probs > 0, dims=[-1]).to(torch.int64).argmax(-1)
+    return torch.where(bins >= num_bins, last_with_mass, bins)
 
 
 class SpatialSoftmax(nn.Module):
@@ -240,10 +243,10 @@ class VlaPolicy(nn.Module):
         out = self(batch)
         if greedy:
             bins = out.logits.argmax(-1)
-        elif isinstance(generator, (list, tuple)):
-            bins = sample_bins_per_row(out.logits, generator, temperature)
-        else:
+        elif generator is None or isinstance(generator, torch.Generator):
             bins = sample_bins(out.logits, generator, temperature)
+        else:
+            bins = sample_bins_per_row(out.logits, list(generator), temperature)
         return bins_to_actions(bins, self.config), bins, chunk_log_prob(out.logits / temperature, bins), out.values
 
 

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.config import action_rule
+from trainer.config import format_action_rule
 from trainer.paired_comparison import paired_difference, read_episode_outcomes
 from trainer.plots import EVAL_TEMPERATURE_KEY, SUCCESS_KEY, plot_learning_curves, read_metrics
 
@@ -59,7 +59,7 @@ def read_run(run_dir: Path, eval_file: str | None = None) -> RunResult:
         last = evaluated[-1]
         families = {k[len(FAMILY_PREFIX):]: float(v) for k, v in last.items()
                     if k.startswith(FAMILY_PREFIX) and k != SUCCESS_KEY}
-        rule = action_rule(EVAL_TEMPERATURE_KEY not in last, float(last.get(EVAL_TEMPERATURE_KEY, 1.0)))
+        rule = format_action_rule(EVAL_TEMPERATURE_KEY not in last, float(last.get(EVAL_TEMPERATURE_KEY, 1.0)))
         return RunResult(str(run_dir), float(last[SUCCESS_KEY]), families, int(last.get("real_env_steps", 0)),
                          int(last.get("iteration", 0)), rule)
     if evaluation.is_file():
@@ -137,7 +137,10 @@ def format_results(summary: dict[str, dict], baseline_label: str | None = None) 
         row = f"| {label} | {m['seeds']} | {spread} | " + " | ".join(cells) + f" | {per_seed} | {steps} |"
         if paired:
             d = m.get("paired_vs_baseline")
-            row += f" {100 * d['mean']:+.1f} +- {100 * d['se']:.1f} ({d['episodes']} episodes) |" if d else " - |"
+            if d:
+                row += f" {100 * d['mean']:+.1f} +- {100 * d['se']:.1f} ({d['episodes']} episodes) |"
+            else:  # the baseline itself, or runs evaluated on other episodes than the baseline's
+                row += " - |" if label == baseline_label else " n/a (other episodes) |"
         lines.append(row)
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("trainer.collect", "record episodes of a scripted expert or a policy in the MuJoCo env"),
     "render": ("trainer.render", "write a PNG strip of a recorded episode, all views side by side"),
     "train-tokenizer": ("trainer.train_tokenizer", "train the discrete image tokenizer on recorded frames"),
+    "tokenize": ("trainer.tokenize_recording", "encode a recording's frames once into a token cache (.npz)"),
     "train-world-model": ("trainer.train_world_model", "train the token world model on recorded episodes"),
     "eval-world-model": ("trainer.eval_world_model", "fidelity report: PSNR/SSIM per view, reward accuracy"),
     "build-default": ("trainer.build_default", "rebuild the embedded default checkpoint from scratch"),

@@ -212,3 +212,5 @@ def test_cli_rejects_a_temperature_without_sampling(policy_dir, capsys):
     assert "--temperature needs --sample" in capsys.readouterr().err
     assert main(["--policy", str(policy_dir), "--sample-seed", "2"]) == 2
     assert "--sample-seed needs --sample" in capsys.readouterr().err
+    assert main(["--policy", str(policy_dir), "--sample", "--sample-seed", "-1"]) == 2
+    assert "sample_seed must be >= 0, got -1" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The online-PPO baseline spends exactly its real-step budget and logs it."""
+"""The online-PPO baseline spends its real-step budget (no runt last rollout) and logs it."""
 
 import json
 

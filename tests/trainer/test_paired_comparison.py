@@ -66,5 +66,5 @@ def test_report_adds_the_paired_column_against_one_baseline_run(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text().splitlines()
     assert table[0].endswith("| real env steps | vs SFT, paired (points) |")
     assert table[1] == "|---" * 7 + "|"
-    assert table[2].endswith("| - | - |") and table[4].endswith("| 900 | - |")
+    assert table[2].endswith("| - | - |") and table[4].endswith("| 900 | n/a (other episodes) |")
     assert table[3].endswith("| 900 | +37.5 +- 23.9 (4 episodes) |")
