@@ -36,7 +36,8 @@ from pathlib import Path
 
 from engine.image_tokenizer import ImageTokenizer
 from trainer import eval_world_model, train_tokenizer, train_world_model
-from trainer.world_model_data import load_recorded_episodes, save_token_cache, tokenize_episode
+from trainer.tokenize_recording import TokenizeConfig, tokenize_recording
+from trainer.world_model_data import save_token_cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +119,8 @@ def main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=args.device)
-    episodes = load_recorded_episodes(args.data)
     tokens = work / "tokens.npz"
-    save_token_cache(tokens, [tokenize_episode(tokenizer, e, ("head", "wrist")) for e in episodes],
-                     list(range(len(episodes))))
+    save_token_cache(tokens, *tokenize_recording(TokenizeConfig(args.data), tokenizer))
     log["tokenize"] = {"seconds": round(time.perf_counter() - started, 1)}
 
     common = world_model_argv(args, tokenizer_dir, tokens)

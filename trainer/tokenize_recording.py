@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,9 @@ class TokenizeError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizeConfig:
+    """Which episodes of one recording to tokenize, and how to crop them."""
+
     data_dir: str
-    tokenizer_dir: str
-    out: str
     first_episode: int = 0
     last_episode: int | None = None  # exclusive; None: to the end of the recording
     success_tail_steps: int | None = None  # keep successful episodes only, cropped to this many steps before success
@@ -59,9 +60,10 @@ def success_tail(episode: Episode, steps_before: int) -> Episode | None:
                                actions=episode.actions[start:], success=episode.success[start:])
 
 
-def tokenize_recording(config: TokenizeConfig, tokenizer: ImageTokenizer, progress: bool = True,
-                       ) -> tuple[list[TokenizedEpisode], list[int]]:
-    """(tokenized episodes, their indices in the recording) for the configured range, cropped when asked."""
+def tokenize_recording(config: TokenizeConfig, tokenizer: ImageTokenizer, views: Sequence[str] = VIEWS,
+                       progress: bool = True) -> tuple[list[TokenizedEpisode], list[int]]:
+    """(tokenized episodes, their indices in the recording) for the configured range, cropped when asked. The one
+    way a recording becomes tokens: `tokenize`, `train-world-model` (missing caches) and `build-default` use it."""
     dataset = EpisodeDataset(config.data_dir)
     last = len(dataset) if config.last_episode is None else config.last_episode
     if last > len(dataset):
@@ -73,7 +75,7 @@ def tokenize_recording(config: TokenizeConfig, tokenizer: ImageTokenizer, progre
             episode = success_tail(episode, config.success_tail_steps)
             if episode is None:
                 continue
-        episodes.append(tokenize_episode(tokenizer, episode, VIEWS))
+        episodes.append(tokenize_episode(tokenizer, episode, views))
         ids.append(i)
     if not episodes:
         raise TokenizeError(f"no episode of {config.data_dir} [{config.first_episode}, {last}) was selected"
@@ -114,14 +116,14 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     try:
         first, last = parse_range(args.episodes)
-        config = TokenizeConfig(args.data, args.tokenizer, args.out, first, last, args.success_tail_steps)
+        config = TokenizeConfig(args.data, first, last, args.success_tail_steps)
         started = time.perf_counter()
-        tokenizer = ImageTokenizer.from_pretrained(config.tokenizer_dir).eval()
+        tokenizer = ImageTokenizer.from_pretrained(args.tokenizer).eval()
         episodes, ids = tokenize_recording(config, tokenizer)
     except TokenizeError as exc:
         parser.error(str(exc))
-    Path(config.out).parent.mkdir(parents=True, exist_ok=True)
-    save_token_cache(config.out, episodes, ids)
-    print(f"wrote {config.out}: {len(episodes)} episodes, {sum(e.num_steps for e in episodes)} steps, "
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_token_cache(args.out, episodes, ids)
+    print(f"wrote {args.out}: {len(episodes)} episodes, {sum(e.num_steps for e in episodes)} steps, "
           f"{time.perf_counter() - started:.0f} s")
     return 0

@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.image_tokenizer import ImageTokenizer
 from engine.layout import TokenLayout
+from trainer.tokenize_recording import TokenizeConfig, tokenize_recording
 from trainer.world_model_data import (
     TARGET_IMAGE,
     TARGET_IMAGINED_REWARD,
@@ -45,12 +46,10 @@ from trainer.world_model_data import (
     collate_streams,
     enumerate_windows,
     independent_view_mask,
-    load_recorded_episodes,
     load_token_cache,
     reward_class_weights,
     save_token_cache,
     split_episode_ids,
-    tokenize_episode,
     window_reward_counts,
 )
 from trainer.world_model_rollout import INDEPENDENT_VIEWS_KEY, GreedyImaginer, imagine_windows
@@ -170,12 +169,10 @@ def prepare_tokens(config: WorldModelTrainConfig, tokenizer: ImageTokenizer, vie
             continue
         if not config.data_dirs:
             raise WorldModelDataError(f"token cache {cache} does not exist and no recording was given to make it")
-        recorded = load_recorded_episodes(config.data_dirs[i])
-        tokenized = [tokenize_episode(tokenizer, e, views)
-                     for e in tqdm(recorded, desc=f"tokenize {config.data_dirs[i]}", leave=False)]
+        tokenized, ids = tokenize_recording(TokenizeConfig(config.data_dirs[i]), tokenizer, views)
         if cache:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            save_token_cache(cache, tokenized, list(range(len(tokenized))))
+            save_token_cache(cache, tokenized, ids)
         episodes += tokenized
     return episodes
 

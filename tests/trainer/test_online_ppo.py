@@ -12,13 +12,18 @@ SMALL = PolicyConfig(conv_channels=(4, 4, 8, 8), hidden_dim=32, image_feature_di
                      text_embed_dim=8, critic_hidden_dim=8)
 
 
-def test_online_ppo_respects_the_step_budget(tmp_path):
+def train_records(out_dir, total_env_steps: int) -> list[dict]:
+    """Online PPO of a tiny policy with 2 envs and rollouts of 3 chunks (48 steps); its metric records."""
     torch.manual_seed(0)
-    config = OnlinePPOConfig(total_env_steps=80, num_envs=2, chunks_per_rollout=3)
-    trainer = OnlinePPOTrainer(VlaPolicy(SMALL), tmp_path, config, PPOConfig(updates_per_refill=1, minibatch_size=4),
+    config = OnlinePPOConfig(total_env_steps=total_env_steps, num_envs=2, chunks_per_rollout=3)
+    trainer = OnlinePPOTrainer(VlaPolicy(SMALL), out_dir, config, PPOConfig(updates_per_refill=1, minibatch_size=4),
                                max_steps=16)
     trainer.train(progress=False)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_online_ppo_respects_the_step_budget(tmp_path):
+    records = train_records(tmp_path, 80)
     # 2 envs x 8 steps per chunk: rollouts of 3, 2 chunks -> 48, 80 steps; 16-step episodes end every 2 chunks
     assert [r["real_env_steps"] for r in records] == [48, 80]
     assert [r["train/episodes"] for r in records] == [2, 4]
@@ -28,10 +33,5 @@ def test_online_ppo_respects_the_step_budget(tmp_path):
 
 def test_online_ppo_ends_without_a_runt_rollout(tmp_path):
     """64 steps with rollouts of 3 chunks (48 steps): one rollout of 4 chunks, not 48 then a 16-step runt."""
-    torch.manual_seed(0)
-    config = OnlinePPOConfig(total_env_steps=64, num_envs=2, chunks_per_rollout=3)
-    trainer = OnlinePPOTrainer(VlaPolicy(SMALL), tmp_path, config, PPOConfig(updates_per_refill=1, minibatch_size=4),
-                               max_steps=16)
-    trainer.train(progress=False)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(tmp_path, 64)
     assert [(r["iteration"], r["real_env_steps"]) for r in records] == [(1, 64)]

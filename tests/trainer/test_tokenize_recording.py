@@ -44,8 +44,7 @@ def test_success_tail_crops_to_the_steps_before_the_first_success(recording):
 def test_tokenize_recording_keeps_successful_tails_with_their_recording_ids(recording):
     root, _ = recording
     tokenizer = ImageTokenizer.from_pretrained(root / "tokenizer").eval()
-    config = TokenizeConfig(str(root / "data"), str(root / "tokenizer"), "", first_episode=1, last_episode=5,
-                            success_tail_steps=3)
+    config = TokenizeConfig(str(root / "data"), first_episode=1, last_episode=5, success_tail_steps=3)
     episodes, ids = tokenize_recording(config, tokenizer, progress=False)
     assert ids == [1, 3, 4] and [e.num_steps for e in episodes] == [18, 18, 18]
     expected = tokenize_episode(tokenizer, success_tail(EpisodeDataset(root / "data").load(3), 3), ("head", "wrist"))
@@ -66,12 +65,12 @@ def test_bad_selections_name_the_problem(recording, capsys):
     root, _ = recording
     tokenizer = ImageTokenizer.from_pretrained(root / "tokenizer")
     with pytest.raises(TokenizeError, match="has 5 episodes; asked for episodes up to 9"):
-        tokenize_recording(TokenizeConfig(str(root / "data"), "", "", last_episode=9), tokenizer, progress=False)
+        tokenize_recording(TokenizeConfig(str(root / "data"), last_episode=9), tokenizer, progress=False)
     with pytest.raises(TokenizeError, match=r"no episode of .* \[2, 3\) was selected \(none succeeds\)"):
-        tokenize_recording(TokenizeConfig(str(root / "data"), "", "", 2, 3, success_tail_steps=0), tokenizer,
+        tokenize_recording(TokenizeConfig(str(root / "data"), 2, 3, success_tail_steps=0), tokenizer,
                            progress=False)
     with pytest.raises(TokenizeError, match="last_episode must be > first_episode, got 2 <= 3"):
-        TokenizeConfig("", "", "", first_episode=3, last_episode=2)
+        TokenizeConfig("", first_episode=3, last_episode=2)
     assert parse_range("4:") == (4, None) and parse_range(":7") == (0, 7) and parse_range(None) == (0, None)
     with pytest.raises(SystemExit):
         main(["--data", "d", "--tokenizer", "t", "--out", "o", "--episodes", "4"])
