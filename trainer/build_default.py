@@ -10,7 +10,8 @@ Stages, each the project's own command with the arguments shown in `<work-dir>/c
      lr; the paper fine-tunes the world model on each refill's data this way)
   5. eval-world-model on held-out episodes -> <work-dir>/eval_ivd.json (+ eval_independent.json) and the grid
 
-The shipped checkpoints/default was produced by this command on one H100 (the recording made by
+Stage 1 of the shipped checkpoints/default (stages 2-4 are fine-tunes of it, each with its own JSON in
+checkpoints/default_build/) was produced by this command on one H100 (the recording made by
 `vla-mbpo collect --task multi --episodes 300 --skill 0.5 --post-success-steps 0 --out /work/data/demos`, the
 recording from before collect filmed on after success; step 1 now records with collect's default of 16
 post-success steps); it took 166 s there (tokenizer 36 s, world model 69 s, each eval ~19 s):
