@@ -138,6 +138,7 @@ class MBPOConfig:
     num_start_states: int = 1024
     branches_per_state: int = 1
     horizon_chunks: int = 2
+    group_baseline: bool = False  # first-chunk advantage against the other branches of its start state (G >= 2)
     world_model_temperature: float = 1.0
     reward_threshold: float = 0.5
     policy_temperature: float = 1.0
@@ -153,6 +154,8 @@ class MBPOConfig:
                      "eval_every"):
             _require(problems, int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(problems, self.eval_episodes >= 0, f"eval_episodes must be >= 0, got {self.eval_episodes}")
+        _require(problems, not self.group_baseline or self.branches_per_state >= 2,
+                 f"group_baseline needs branches_per_state >= 2, got {self.branches_per_state}")
         _require(problems, self.critic_warmup_steps >= 0,
                  f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
         _require(problems, math.isfinite(self.world_model_temperature) and self.world_model_temperature >= 0,

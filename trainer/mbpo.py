@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trainer.cli_args import add_eval_arguments, add_ppo_arguments, eval_config_from_args, ppo_config_from_args
-from trainer.config import EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
+from trainer.config import ConfigError, EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import EpisodeDataset
 from trainer.imagination import ImaginedRollouts, Imaginer, StartState
 from trainer.policy import PolicyBatch, VlaPolicy, load_policy, make_batch, save_policy
@@ -31,6 +31,7 @@ from trainer.ppo import (
     RolloutBatch,
     chunks_to_success,
     compute_gae,
+    leave_one_out_advantages,
     monte_carlo_chunk_returns,
     next_values_from,
 )
@@ -87,13 +88,19 @@ def _unfinished_observations(success: np.ndarray) -> int:
     return int(np.argmax(success)) if success.any() else int(success.shape[0])
 
 
-def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig,
-                      policy_config: PolicyConfig) -> tuple[RolloutBatch, dict[str, float]]:
-    """Chunk-level GAE over each branch, then the valid steps flattened for PPO."""
+def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig, policy_config: PolicyConfig,
+                      group_size: int = 1, group_baseline: bool = False) -> tuple[RolloutBatch, dict[str, float]]:
+    """Chunk-level GAE over each branch, then the valid steps flattened for PPO.
+
+    `group_size`: the G consecutive branches of each start state. With `group_baseline` the first chunk's
+    advantage is its lambda-return minus the mean lambda-return of the other G - 1 branches from the same real
+    state, in place of the critic's V(s_0); later chunks, whose imagined states differ, keep the critic's GAE."""
     advantages, returns = compute_gae(rollouts.rewards, rollouts.values,
                                       next_values_from(rollouts.values, rollouts.bootstrap_values),
                                       rollouts.terminated, rollouts.terminated, rollouts.valid, config.gamma,
                                       config.gae_lambda)
+    if group_baseline:
+        advantages[:, 0] = leave_one_out_advantages(returns[:, 0], group_size)
     valid = rollouts.valid
     flat = valid.reshape(-1).numpy()
     b, t = valid.shape
@@ -109,6 +116,9 @@ def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig,
              "ppo/advantage_mean": float(advantages[valid].mean()),
              "ppo/advantage_std": float(advantages[valid].std(unbiased=False)),
              "ppo/value_mean": float(rollouts.values[valid].mean()), "ppo/return_mean": float(returns[valid].mean())}
+    if group_size > 1:  # only a group whose branches disagree can tell a good chunk from the start state's luck
+        succeeded = rollouts.terminated.any(1).reshape(-1, group_size)
+        stats["imagine/mixed_groups"] = float((succeeded.any(1) & ~succeeded.all(1)).float().mean())
     return batch, stats
 
 
@@ -194,7 +204,8 @@ class MBPOTrainer:
                 self.policy, starts, config.branches_per_state, config.horizon_chunks, self.generator, seed_base,
                 config.world_model_temperature, config.reward_threshold, config.policy_temperature))
         imagine_seconds = time.perf_counter() - started
-        batches = [rollouts_to_batch(part, self.ppo, self.policy.config) for part in rollout_parts]
+        batches = [rollouts_to_batch(part, self.ppo, self.policy.config, config.branches_per_state,
+                                     config.group_baseline) for part in rollout_parts]
         batch = _concat_batches([b for b, _ in batches])
         chunks = sum(int(part.valid.sum()) for part in rollout_parts)
         stats = _mean_stats([s for _, s in batches], [s["imagine/valid_steps"] for _, s in batches])
@@ -264,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-start-states", "-M", type=int, default=m.num_start_states)
     parser.add_argument("--branches-per-state", "-G", type=int, default=m.branches_per_state)
     parser.add_argument("--horizon-chunks", "-n", type=int, default=m.horizon_chunks)
+    parser.add_argument("--group-baseline", action="store_true",
+                        help="first-chunk advantage against the other G - 1 branches of the same start state (G >= 2)")
     parser.add_argument("--states-per-wave", type=int, default=m.states_per_wave,
                         help="start states alive on the server at once")
     parser.add_argument("--wm-temperature", type=float, default=m.world_model_temperature)
@@ -282,13 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # the entry point picks the GL backend before MuJoCo loads
     args = build_parser().parse_args(argv)
-    config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
-                        branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,
-                        world_model_temperature=args.wm_temperature, reward_threshold=args.reward_threshold,
-                        policy_temperature=args.policy_temperature, critic_warmup_steps=args.critic_warmup_steps,
-                        states_per_wave=args.states_per_wave, eval_every=args.eval_every,
-                        eval_episodes=args.eval_episodes, seed=args.seed)
-    ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)
+    try:
+        config = MBPOConfig(iterations=args.iterations, num_start_states=args.num_start_states,
+                            branches_per_state=args.branches_per_state, horizon_chunks=args.horizon_chunks,
+                            group_baseline=args.group_baseline,
+                            world_model_temperature=args.wm_temperature, reward_threshold=args.reward_threshold,
+                            policy_temperature=args.policy_temperature, critic_warmup_steps=args.critic_warmup_steps,
+                            states_per_wave=args.states_per_wave, eval_every=args.eval_every,
+                            eval_episodes=args.eval_episodes, seed=args.seed)
+        ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)
+    except ConfigError as exc:
+        print(f"vla-mbpo train: error: {exc}", file=sys.stderr)
+        return 2
     policy, _ = load_policy(args.policy)
     with WorldModelClient(args.server, token=args.token) as client:
         client.wait_ready(timeout=60.0)

@@ -70,6 +70,21 @@ def monte_carlo_chunk_returns(success: np.ndarray, chunk_size: int, gamma: float
     return np.where(np.isfinite(chunks), gamma ** (chunks - 1), 0.0).astype(np.float32)
 
 
+def leave_one_out_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each branch's return minus the mean return of the other branches of its start state (RLOO).
+
+    The G branches of one start state are consecutive rows (B = num_states * G). The baseline never sees the
+    branch's own outcome, so the advantage stays unbiased, and whatever the start state alone decides (a scene
+    the reward judges done whatever the arm does) cancels within the group. returns: [B] -> [B]"""
+    if group_size < 2:
+        raise ValueError(f"a leave-one-out baseline needs group_size >= 2, got {group_size}")
+    if returns.dim() != 1 or returns.shape[0] % group_size:
+        raise ValueError(f"returns must be [num_states * {group_size}], got {list(returns.shape)}")
+    groups = returns.reshape(-1, group_size)  # [num_states, G]
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
 def normalize_advantages(advantages: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Zero mean, unit (population) std over the valid entries; invalid entries become 0."""
     selected = advantages[valid]

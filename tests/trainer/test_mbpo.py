@@ -8,7 +8,7 @@ import torch
 
 from engine.checkpoint import layout_for_tokenizer, write_random_checkpoint
 from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
-from trainer.config import MBPOConfig, PolicyConfig, PPOConfig
+from trainer.config import ConfigError, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import DatasetMeta, Episode, EpisodeWriter
 from trainer.imagination import ImaginedRollouts, Imaginer
 from trainer.mbpo import MBPOTrainer, StartStateSampler, main, rollouts_to_batch
@@ -93,12 +93,41 @@ def test_rollouts_to_batch_gae_and_masking_by_hand():
     assert stats["imagine/success_prob_mean"] == pytest.approx(0.4)
 
 
+def test_group_baseline_replaces_the_first_chunk_critic_by_the_sibling_branches():
+    # Two branches of one start state (same V(s_0) = 0.25): branch 0 succeeds after chunk 0, branch 1 runs both
+    # chunks and is bootstrapped with V = 1.
+    b, t = 2, 2
+    images = np.zeros((b, t, 16, 16, 3), dtype=np.uint8)
+    rollouts = ImaginedRollouts(
+        head=images, wrist=images.copy(), instructions=["lift the cube"] * 2,
+        bins=torch.zeros((b, t, 8), dtype=torch.int64), log_probs=torch.zeros((b, t)),
+        values=torch.tensor([[0.25, 0.0], [0.25, 0.5]]), rewards=torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        success_prob=torch.tensor([[0.9, 0.0], [0.1, 0.2]]),
+        terminated=torch.tensor([[True, False], [False, False]]),
+        valid=torch.tensor([[True, False], [True, True]]), bootstrap_values=torch.tensor([0.0, 1.0]))
+    ppo = PPOConfig(gamma=0.5, gae_lambda=0.5)
+    critic, stats = rollouts_to_batch(rollouts, ppo, TINY, group_size=2)
+    grouped, _ = rollouts_to_batch(rollouts, ppo, TINY, group_size=2, group_baseline=True)
+    # critic: A_0 = 1 - 0.25 and 0.5 * 0.5 - 0.25 = 0; lambda-returns of the first chunk 1.0 and 0.25
+    assert critic.advantages.tolist() == [0.75, 0.0, 0.0]
+    # grouped: 1.0 - 0.25 and 0.25 - 1.0; the second chunk (an imagined state of its own) keeps the critic's
+    assert grouped.advantages.tolist() == [0.75, -0.75, 0.0]
+    assert grouped.returns.tolist() == critic.returns.tolist() == [1.0, 0.25, 0.5]  # the critic's targets
+    assert stats["imagine/mixed_groups"] == 1.0
+
+
+def test_group_baseline_needs_several_branches():
+    with pytest.raises(ConfigError, match="group_baseline needs branches_per_state >= 2, got 1"):
+        MBPOConfig(group_baseline=True)
+    assert MBPOConfig(group_baseline=True, branches_per_state=4).group_baseline
+
+
 def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
     torch.manual_seed(0)
     policy = VlaPolicy(TINY)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     config = MBPOConfig(iterations=2, num_start_states=6, branches_per_state=2, horizon_chunks=2, states_per_wave=4,
-                        critic_warmup_steps=0)
+                        critic_warmup_steps=0, group_baseline=True)
     ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3)
     with WorldModelClient(server.target) as client:
         trainer = MBPOTrainer(policy, client, StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
@@ -114,7 +143,8 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
     # 12 branches: chunk 0 always, chunk 1 only for branches the model did not judge successful
     assert all(12 <= r["imagine/chunks"] <= 24 and r["imagine/chunks"] == r["imagine/valid_steps"] for r in records)
     assert set(records[0]) >= {"imagine/success_rate", "imagine/chunks_per_second", "ppo/actor_loss",
-                               "ppo/critic_loss", "ppo/clip_fraction", "ppo/approx_kl", "ppo/advantage_mean"}
+                               "ppo/critic_loss", "ppo/clip_fraction", "ppo/approx_kl", "ppo/advantage_mean",
+                               "imagine/mixed_groups"}
     final, meta = load_policy(tmp_path / "run" / "policy")
     assert meta["iteration"] == 2
     assert any(not torch.equal(start[k], v) for k, v in final.state_dict().items())
@@ -185,3 +215,14 @@ def test_train_cli_refuses_to_overwrite_and_resumes(server, buffer_dir, tmp_path
     assert main([*args, "--iterations", "2", "--resume"]) == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]  # 0: the critic warm-up
+
+
+def test_train_cli_names_an_invalid_option_without_a_traceback(tmp_path, capsys):
+    args = ["--server", "127.0.0.1:1", "--data", str(tmp_path), "--policy", str(tmp_path), "--out",
+            str(tmp_path / "run")]
+    assert main([*args, "--group-baseline"]) == 2
+    assert capsys.readouterr().err == ("vla-mbpo train: error: invalid MBPOConfig: group_baseline needs "
+                                       "branches_per_state >= 2, got 1\n")
+    assert main([*args, "-G", "2", "--iterations", "0"]) == 2
+    assert "iterations must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started

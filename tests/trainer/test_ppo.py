@@ -11,6 +11,7 @@ from trainer.ppo import (
     RolloutBatch,
     chunks_to_success,
     compute_gae,
+    leave_one_out_advantages,
     monte_carlo_chunk_returns,
     next_values_from,
     normalize_advantages,
@@ -64,6 +65,21 @@ def test_gae_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=expected):
         z = torch.zeros((1, 2))
         compute_gae(z, torch.zeros((1, 3)), z, z.bool(), z.bool(), z.bool(), 0.9, 0.9)
+
+
+def test_leave_one_out_advantages_by_hand():
+    # two start states of three branches: each branch against the mean of its two siblings
+    got = leave_one_out_advantages(t([1.5, 0.0, 1.5, 0.0, 0.0, 0.5]), 3)
+    assert got.tolist() == [0.75, -1.5, 0.75, -0.25, -0.25, 0.5]
+    # what the start state alone decides cancels: the same outcome for every branch gives zero advantage
+    assert leave_one_out_advantages(t([1.0, 1.0, 0.0, 0.0]), 2).tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_leave_one_out_advantages_rejects_bad_groups():
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        leave_one_out_advantages(t([1.0, 0.0]), 1)
+    with pytest.raises(ValueError, match=r"returns must be \[num_states \* 2\], got \[3\]"):
+        leave_one_out_advantages(t([1.0, 0.0, 0.5]), 2)
 
 
 def test_normalize_advantages_over_valid_steps_only():
