@@ -110,15 +110,16 @@ def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig, policy_conf
     observations = make_batch(head, wrist, instructions, policy_config)
     batch = RolloutBatch(observations, rollouts.bins[valid], rollouts.log_probs[valid], rollouts.values[valid],
                          advantages[valid], returns[valid])
-    stats = {"imagine/success_rate": float(rollouts.terminated.any(1).float().mean()),
+    succeeded = rollouts.terminated.any(1)  # [B] the model judged the branch a success
+    stats = {"imagine/success_rate": float(succeeded.float().mean()),
              "imagine/success_prob_mean": float(rollouts.success_prob[valid].mean()),
              "imagine/valid_steps": int(valid.sum()),
              "ppo/advantage_mean": float(advantages[valid].mean()),
              "ppo/advantage_std": float(advantages[valid].std(unbiased=False)),
              "ppo/value_mean": float(rollouts.values[valid].mean()), "ppo/return_mean": float(returns[valid].mean())}
     if group_size > 1:  # only a group whose branches disagree can tell a good chunk from the start state's luck
-        succeeded = rollouts.terminated.any(1).reshape(-1, group_size)
-        stats["imagine/mixed_groups"] = float((succeeded.any(1) & ~succeeded.all(1)).float().mean())
+        groups = succeeded.reshape(-1, group_size)  # [num_states, G]
+        stats["imagine/mixed_groups"] = float((groups.any(1) & ~groups.all(1)).float().mean())
     return batch, stats
 
 
