@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -209,7 +210,8 @@ class MBPOTrainer:
                                      config.group_baseline) for part in rollout_parts]
         batch = _concat_batches([b for b, _ in batches])
         chunks = sum(int(part.valid.sum()) for part in rollout_parts)
-        stats = _mean_stats([s for _, s in batches], [s["imagine/valid_steps"] for _, s in batches])
+        stats = pool_wave_stats([s for _, s in batches], [part.num_branches for part in rollout_parts],
+                                config.branches_per_state)
         update_started = time.perf_counter()
         stats.update({f"ppo/{k}": v for k, v in self.learner.update(batch).items()})
         stats.update({"imagine/branches": sum(p.num_branches for p in rollout_parts), "imagine/chunks": chunks,
@@ -256,11 +258,31 @@ def _concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
                         torch.cat([b.returns for b in batches]))
 
 
-def _mean_stats(stats: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
-    total = max(1, sum(weights))
-    out = {k: sum(s[k] * w for s, w in zip(stats, weights, strict=True)) / total for k in stats[0]}
-    out["imagine/valid_steps"] = float(sum(weights))
+_PER_BRANCH_STATS = ("imagine/success_rate",)
+_PER_START_STATE_STATS = ("imagine/mixed_groups",)
+
+
+def pool_wave_stats(stats: list[dict[str, float]], num_branches: list[int], group_size: int) -> dict[str, float]:
+    """One iteration's statistics from its waves' `rollouts_to_batch` stats, as if the waves were one batch.
+
+    Each statistic is pooled in its own unit: a rate over branches by branches, over start states by start states
+    (`num_branches / group_size` each), a mean over valid steps by valid steps, and the advantage's standard
+    deviation over all valid steps of the iteration (not a mean of the waves' deviations)."""
+    steps = [s["imagine/valid_steps"] for s in stats]
+    states = [n // group_size for n in num_branches]
+    out = {}
+    for key in stats[0]:
+        weights = num_branches if key in _PER_BRANCH_STATS else states if key in _PER_START_STATE_STATS else steps
+        out[key] = _weighted_mean([s[key] for s in stats], weights)
+    mean_of_squares = _weighted_mean([s["ppo/advantage_std"] ** 2 + s["ppo/advantage_mean"] ** 2 for s in stats],
+                                     steps)
+    out["ppo/advantage_std"] = math.sqrt(max(0.0, mean_of_squares - out["ppo/advantage_mean"] ** 2))
+    out["imagine/valid_steps"] = float(sum(steps))
     return out
+
+
+def _weighted_mean(values: list[float], weights: list[int]) -> float:
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / max(1, sum(weights))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from trainer.config import ConfigError, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import DatasetMeta, Episode, EpisodeWriter
 from trainer.imagination import ImaginedRollouts, Imaginer
-from trainer.mbpo import MBPOTrainer, StartStateSampler, main, rollouts_to_batch
+from trainer.mbpo import MBPOTrainer, StartStateSampler, main, pool_wave_stats, rollouts_to_batch
 from trainer.policy import VlaPolicy, load_policy, save_policy
 from trainer.rollout_client import RolloutServerError, WorldModelClient
 from trainer.server_process import ServerProcess
@@ -114,6 +114,21 @@ def test_group_baseline_replaces_the_first_chunk_critic_by_the_sibling_branches(
     assert grouped.advantages.tolist() == [0.75, -0.75, 0.0]
     assert grouped.returns.tolist() == critic.returns.tolist() == [1.0, 0.25, 0.5]  # the critic's targets
     assert stats["imagine/mixed_groups"] == 1.0
+
+
+def test_wave_stats_pool_each_rate_in_its_own_unit():
+    # Wave 0: 8 branches (4 start states of G = 2), 10 valid steps; wave 1: 4 branches (2 states), 30 steps.
+    waves = [{"imagine/success_rate": 0.5, "imagine/mixed_groups": 0.25, "imagine/valid_steps": 10,
+              "ppo/advantage_mean": 1.0, "ppo/advantage_std": 1.0},
+             {"imagine/success_rate": 0.0, "imagine/mixed_groups": 1.0, "imagine/valid_steps": 30,
+              "ppo/advantage_mean": -1.0, "ppo/advantage_std": 0.0}]
+    pooled = pool_wave_stats(waves, num_branches=[8, 4], group_size=2)
+    assert pooled["imagine/success_rate"] == 4 / 12  # 4 of 12 branches succeeded
+    assert pooled["imagine/mixed_groups"] == 0.5  # 1 + 2 of 6 start states
+    assert pooled["imagine/valid_steps"] == 40
+    assert pooled["ppo/advantage_mean"] == -0.5  # (10 * 1 - 30 * 1) / 40
+    # E[A^2] over the 40 steps = (10 * (1 + 1) + 30 * 1) / 40 = 1.25, minus the mean's square 0.25
+    assert pooled["ppo/advantage_std"] == 1.0
 
 
 def test_group_baseline_needs_several_branches():
