@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -273,16 +274,12 @@ def pool_wave_stats(stats: list[dict[str, float]], num_branches: list[int], grou
     out = {}
     for key in stats[0]:
         weights = num_branches if key in _PER_BRANCH_STATS else states if key in _PER_START_STATE_STATS else steps
-        out[key] = _weighted_mean([s[key] for s in stats], weights)
-    mean_of_squares = _weighted_mean([s["ppo/advantage_std"] ** 2 + s["ppo/advantage_mean"] ** 2 for s in stats],
-                                     steps)
+        out[key] = statistics.fmean([s[key] for s in stats], weights)  # every wave has >= 1 branch and step
+    mean_of_squares = statistics.fmean([s["ppo/advantage_std"] ** 2 + s["ppo/advantage_mean"] ** 2 for s in stats],
+                                       steps)
     out["ppo/advantage_std"] = math.sqrt(max(0.0, mean_of_squares - out["ppo/advantage_mean"] ** 2))
     out["imagine/valid_steps"] = float(sum(steps))
     return out
-
-
-def _weighted_mean(values: list[float], weights: list[int]) -> float:
-    return sum(v * w for v, w in zip(values, weights, strict=True)) / max(1, sum(weights))
 
 
 def build_parser() -> argparse.ArgumentParser:
