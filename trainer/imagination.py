@@ -22,13 +22,24 @@ from trainer.rollout_client import WorldModelClient
 POLICY_BATCH = 1024  # rows per policy forward: bounds activation memory at M = 1024, G > 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class RecordedOrigin:
+    """Where a recorded observation came from: its episode's task, env seed and the actions before it, which
+    replay it exactly in the env (trainer.sim_imagination steps branches from there)."""
+
+    task: str
+    seed: int
+    actions: np.ndarray  # [t, action_dim] float32, the episode's actions before the observation
+
+
+@dataclass(frozen=True, eq=False)
 class StartState:
     """A real observation to branch from."""
 
     instruction: str
     head: np.ndarray  # [H, W, 3] uint8
     wrist: np.ndarray  # [H, W, 3] uint8
+    origin: RecordedOrigin | None = None  # set for states of a recorded buffer
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ def policy_values(policy: VlaPolicy, head: np.ndarray, wrist: np.ndarray, instru
 class Imaginer:
     """Runs branched rollouts over one client, splitting requests to the server's limits."""
 
+    real_env_steps = 0  # the served model spends no real interaction
+
     def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4,
                  imagine_timeout: float = 1800.0) -> None:
         """`imagine_timeout`: deadline in seconds of one CreateStates or Imagine call; a CPU-served world
@@ -103,8 +116,11 @@ class Imaginer:
             return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator, seed_base,
                               world_model_temperature, reward_threshold, policy_temperature, owned)
         finally:
-            for s in range(0, len(owned), max(1, self.info.max_states_per_request)):
-                self.client.release(owned[s: s + self.info.max_states_per_request])
+            self._release(owned)
+
+    def _release(self, state_ids: list[str]) -> None:
+        for s in range(0, len(state_ids), max(1, self.info.max_states_per_request)):
+            self.client.release(state_ids[s: s + self.info.max_states_per_request])
 
     def _create_states(self, starts: Sequence[StartState], owned: list[str] | None = None) -> list[str]:
         """CreateStates in slices of the server's limit; with `owned`, each slice's ids join it as they come."""

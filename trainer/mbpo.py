@@ -11,6 +11,7 @@ OUT/latest, so `--resume` continues a stopped run; metrics go to OUT/metrics.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from trainer.cli_args import add_eval_arguments, add_ppo_arguments, eval_config_from_args, ppo_config_from_args
 from trainer.config import ConfigError, EvalConfig, MBPOConfig, PolicyConfig, PPOConfig
 from trainer.data import EpisodeDataset
-from trainer.imagination import ImaginedRollouts, Imaginer, StartState
+from trainer.imagination import ImaginedRollouts, Imaginer, RecordedOrigin, StartState
 from trainer.policy import PolicyBatch, VlaPolicy, load_policy, make_batch, save_policy
 from trainer.ppo import (
     PPOLearner,
@@ -38,6 +39,7 @@ from trainer.ppo import (
     next_values_from,
 )
 from trainer.rollout_client import WorldModelClient
+from trainer.sim_imagination import SimulatorImaginer
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -82,7 +84,8 @@ class StartStateSampler:
 
     def _state(self, episode_index: int, t: int) -> StartState:
         episode = self.dataset.load(episode_index)
-        return StartState(episode.instruction, episode.head[t], episode.wrist[t])
+        return StartState(episode.instruction, episode.head[t], episode.wrist[t],
+                          RecordedOrigin(episode.task, episode.seed, episode.actions[:t]))
 
 
 def _unfinished_observations(success: np.ndarray) -> int:
@@ -128,12 +131,12 @@ def rollouts_to_batch(rollouts: ImaginedRollouts, config: PPOConfig, policy_conf
 class MBPOTrainer:
     """One VLA-MBPO run: holds the policy, the PPO learner, the RNGs and the metrics file."""
 
-    def __init__(self, policy: VlaPolicy, client: WorldModelClient, sampler: StartStateSampler, out_dir: Path,
+    def __init__(self, policy: VlaPolicy, imaginer: Imaginer, sampler: StartStateSampler, out_dir: Path,
                  config: MBPOConfig, ppo: PPOConfig, eval_config: EvalConfig | None = None) -> None:
-        self.policy, self.client, self.sampler, self.out_dir = policy, client, sampler, out_dir
+        """`imaginer`: `Imaginer(client)` over the rollout server, or the real env's `SimulatorImaginer`."""
+        self.policy, self.imaginer, self.sampler, self.out_dir = policy, imaginer, sampler, out_dir
         self.config, self.ppo, self.eval_config = config, ppo, eval_config
         self.learner = PPOLearner(policy, ppo, seed=config.seed, temperature=config.policy_temperature)
-        self.imaginer = Imaginer(client)
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0
@@ -145,7 +148,8 @@ class MBPOTrainer:
         save_policy(self.policy, latest, {"stage": "mbpo", "iteration": self.iteration})
         torch.save({"iteration": self.iteration, "optimizer": self.learner.optimizer.state_dict(),
                     "learner_generator": self.learner.generator.get_state(), "generator": self.generator.get_state(),
-                    "rng": self.rng.bit_generator.state, "config": asdict(self.config)}, latest / TRAINER_STATE)
+                    "rng": self.rng.bit_generator.state, "config": asdict(self.config),
+                    "imaginer_real_env_steps": self.imaginer.real_env_steps}, latest / TRAINER_STATE)
 
     def resume(self) -> bool:
         """Loads OUT/latest if it exists; returns whether it did."""
@@ -160,6 +164,7 @@ class MBPOTrainer:
         self.generator.set_state(state["generator"])
         self.rng.bit_generator.state = state["rng"]
         self.iteration = int(state["iteration"])
+        self.imaginer.real_env_steps = int(state.get("imaginer_real_env_steps", 0))
         return True
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -233,7 +238,8 @@ class MBPOTrainer:
         while self.iteration < self.config.iterations:
             stats = self.run_iteration()
             self.iteration += 1
-            record = {"iteration": self.iteration, "real_env_steps": self.sampler.real_env_steps, **stats}
+            record = {"iteration": self.iteration, **stats,
+                      "real_env_steps": self.sampler.real_env_steps + self.imaginer.real_env_steps}
             if self.should_evaluate():
                 record.update(self.evaluate())
             self.log(record)
@@ -285,7 +291,11 @@ def pool_wave_stats(stats: list[dict[str, float]], num_branches: list[int], grou
 def build_parser() -> argparse.ArgumentParser:
     m = MBPOConfig()
     parser = argparse.ArgumentParser(prog="vla-mbpo train", description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="rollout server HOST:PORT")
+    world = parser.add_mutually_exclusive_group(required=True)
+    world.add_argument("--server", help="rollout server HOST:PORT")
+    world.add_argument("--simulator", action="store_true",
+                       help="step the branches in the real MuJoCo env in place of a world model (the upper bound a "
+                            "perfect model gives this loop; spends real interaction, counted in real_env_steps)")
     parser.add_argument("--token", default=None, help="bearer token, if the server requires one")
     parser.add_argument("--data", type=Path, required=True, help="real replay buffer (recorded episodes)")
     parser.add_argument("--policy", type=Path, required=True, help="initial (SFT) policy checkpoint")
@@ -328,9 +338,17 @@ def main(argv: list[str]) -> int:
         print(f"vla-mbpo train: error: {exc}", file=sys.stderr)
         return 2
     policy, _ = load_policy(args.policy)
-    with WorldModelClient(args.server, token=args.token) as client:
-        client.wait_ready(timeout=60.0)
-        trainer = MBPOTrainer(policy, client, StartStateSampler(args.data), args.out, config, ppo, eval_config)
+    sampler = StartStateSampler(args.data)
+    with contextlib.ExitStack() as stack:
+        if args.simulator:
+            meta = sampler.dataset.manifest
+            imaginer = SimulatorImaginer(policy.config.chunk_size, meta["action_low"], meta["action_high"])
+            stack.callback(imaginer.close)
+        else:
+            client = stack.enter_context(WorldModelClient(args.server, token=args.token))
+            client.wait_ready(timeout=60.0)
+            imaginer = Imaginer(client)
+        trainer = MBPOTrainer(policy, imaginer, sampler, args.out, config, ppo, eval_config)
         if args.resume and trainer.resume():
             print(f"resumed {args.out} at iteration {trainer.iteration}", file=sys.stderr)
         elif (args.out / "metrics.jsonl").exists():

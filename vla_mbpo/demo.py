@@ -119,6 +119,7 @@ def run_demo(config: DemoConfig) -> dict:
     """Runs every stage; returns the summary written to run_dir/summary.json."""
     from trainer.config import EvalConfig, MBPOConfig, PPOConfig
     from trainer.evaluate import evaluate_policy, format_table
+    from trainer.imagination import Imaginer
     from trainer.mbpo import MBPOTrainer, StartStateSampler
     from trainer.plots import plot_learning_curves
     from trainer.policy import load_policy
@@ -159,7 +160,8 @@ def run_demo(config: DemoConfig) -> dict:
                               states_per_wave=min(256, config.num_start_states))
             ppo = PPOConfig(updates_per_refill=config.updates_per_refill, minibatch_size=config.minibatch_size,
                             actor_lr=config.actor_lr)
-            trainer = MBPOTrainer(policy, client, StartStateSampler(buffer), config.run_dir / "mbpo", mbpo, ppo)
+            trainer = MBPOTrainer(policy, Imaginer(client), StartStateSampler(buffer), config.run_dir / "mbpo", mbpo,
+                                  ppo)
             trainer.train()
             server_stats = client.stats()
     _stage("6/6 real-env success after VLA-MBPO")

@@ -371,3 +371,29 @@ def test_expert_keeps_the_task_done_after_success(family):
 def test_terminate_on_success_must_be_a_bool():
     with pytest.raises(EnvConfigError, match="terminate_on_success must be a bool, got 'no'"):
         make_env("lift", terminate_on_success="no")
+
+
+def test_a_restored_snapshot_continues_bit_for_bit_in_another_env():
+    """The expert's episode, snapshotted mid-way, continues exactly in an env that was playing another scene."""
+    source, other = make_env("push", image_size=16, max_steps=60), make_env("push", image_size=16, max_steps=60)
+    try:
+        frames, actions, _ = run_expert(source, seed=3, max_steps=12)
+        source.reset(seed=3)
+        source.step_chunk(actions[:6])
+        snapshot = source.snapshot()
+        tail = [source.step(a) for a in actions[6:12]]
+        other.reset(seed=99)
+        other.step_chunk(np.ones((5, 4), np.float32))
+        other.restore(snapshot)
+        assert other.instruction == source.instruction
+        replayed = [other.step(a) for a in actions[6:12]]
+        for (obs, reward, terminated, truncated, info), (obs2, *rest) in zip(tail, replayed, strict=True):
+            assert np.array_equal(obs["head"], obs2["head"]) and np.array_equal(obs["wrist"], obs2["wrist"])
+            assert [reward, terminated, truncated, info] == rest
+        assert np.array_equal(replayed[-1][0]["wrist"], frames[12]["wrist"])
+        other.restore(snapshot)  # the step counter comes back too: truncation at 60 steps, 54 steps later
+        flags = [other.step(np.zeros(4))[3] for _ in range(54)]
+        assert flags == [False] * 53 + [True]
+    finally:
+        source.close()
+        other.close()

@@ -145,7 +145,7 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
                         critic_warmup_steps=0, group_baseline=True)
     ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3)
     with WorldModelClient(server.target) as client:
-        trainer = MBPOTrainer(policy, client, StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
+        trainer = MBPOTrainer(policy, Imaginer(client), StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
         trainer.train(progress=False)
         stats = client.stats()
     assert stats.live_states == 0 and stats.kv_blocks_used == 0  # every created and kept state released
@@ -164,7 +164,7 @@ def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
     assert meta["iteration"] == 2
     assert any(not torch.equal(start[k], v) for k, v in final.state_dict().items())
 
-    resumed = MBPOTrainer(VlaPolicy(TINY), WorldModelClient(server.target), StartStateSampler(buffer_dir),
+    resumed = MBPOTrainer(VlaPolicy(TINY), Imaginer(WorldModelClient(server.target)), StartStateSampler(buffer_dir),
                           tmp_path / "run", config, ppo)
     assert resumed.resume() and resumed.iteration == 2
     assert all(torch.equal(v, final.state_dict()[k]) for k, v in resumed.policy.state_dict().items())
@@ -175,7 +175,7 @@ def test_critic_warm_up_on_buffer_returns_is_logged_before_the_first_iteration(s
     config = MBPOConfig(iterations=1, num_start_states=4, horizon_chunks=1, critic_warmup_steps=3)
     ppo = PPOConfig(updates_per_refill=1, minibatch_size=8)
     with WorldModelClient(server.target) as client:
-        MBPOTrainer(VlaPolicy(TINY), client, StartStateSampler(buffer_dir), tmp_path / "run", config,
+        MBPOTrainer(VlaPolicy(TINY), Imaginer(client), StartStateSampler(buffer_dir), tmp_path / "run", config,
                     ppo).train(progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1]

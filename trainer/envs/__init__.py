@@ -16,6 +16,7 @@ from trainer.envs.tabletop import (
     ActionError,
     EnvConfig,
     EnvConfigError,
+    EnvSnapshot,
     EpisodeOverError,
     SimState,
     TabletopEnv,
@@ -46,6 +47,6 @@ _register()
 
 __all__ = [
     "ACTION_DIM", "DEFAULT_CHUNK_SIZE", "ENV_IDS", "MULTI_TASK", "TASK_FAMILIES", "TASK_NAMES", "VIEWS",
-    "ActionError", "EnvConfig", "EnvConfigError", "EpisodeOverError", "SimState", "TabletopEnv", "TaskError",
-    "all_instructions", "make_env",
+    "ActionError", "EnvConfig", "EnvConfigError", "EnvSnapshot", "EpisodeOverError", "SimState", "TabletopEnv",
+    "TaskError", "all_instructions", "make_env",
 ]

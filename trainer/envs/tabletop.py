@@ -31,6 +31,7 @@ MAX_IMAGE_SIZE = 512
 HAND_LOW = np.array([-0.27, -0.27, scene.FINGER_LENGTH + 0.004])
 HAND_HIGH = np.array([0.27, 0.27, 0.30])
 HAND_HOME_JITTER = 0.03
+PHYSICS_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # what a snapshot keeps: all that mj_step reads
 
 
 class EnvConfigError(ValueError):
@@ -86,6 +87,22 @@ class SimState:
     object_pos: np.ndarray  # [NUM_OBJECTS, 3]
     goal_xy: np.ndarray  # [2] centre of the pad (push) or bin (place); the object's xy for lift
     success: bool  # latched: the task was completed at some step of this episode
+
+
+@dataclass(frozen=True, eq=False)
+class EnvSnapshot:
+    """Everything the next step depends on: the episode's goal and scene, MuJoCo's integration state (positions,
+    velocities, mocap target, controls, solver warm start) and the episode counters. `restore` continues
+    from it exactly as the env it was taken from would."""
+
+    goal: tasks.Goal
+    layout: tasks.Layout
+    instruction: str
+    physics: np.ndarray  # float64[mj_stateSize(mjSTATE_INTEGRATION)]
+    num_steps: int
+    success: bool
+    done: bool
+    gripper_closed: bool
 
 
 def image_size_pair(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -187,6 +204,24 @@ class TabletopEnv(gym.Env):
         return SimState(goal, layout, hand, float(fingers.mean()), self._gripper_closed, object_pos, goal_xy,
                         self._success)
 
+    def snapshot(self) -> EnvSnapshot:
+        """The current episode's state, to `restore` later (in this env or another with the same config)."""
+        goal = self._require_goal()
+        physics = np.empty(mujoco.mj_stateSize(self.model, PHYSICS_STATE))
+        mujoco.mj_getState(self.model, self.data, physics, PHYSICS_STATE)
+        return EnvSnapshot(goal, self._layout, self._instruction, physics, self._num_steps, self._success,
+                           self._done, self._gripper_closed)
+
+    def restore(self, snapshot: EnvSnapshot) -> None:
+        """Puts the env back into `snapshot`'s state without rendering; the next step continues from it exactly
+        (bit for bit) as from the env it was taken from."""
+        self._goal, self._layout, self._instruction = snapshot.goal, snapshot.layout, snapshot.instruction
+        self._apply_scene(snapshot.layout)
+        mujoco.mj_setState(self.model, self.data, snapshot.physics, PHYSICS_STATE)
+        mujoco.mj_forward(self.model, self.data)
+        self._num_steps, self._success, self._done = snapshot.num_steps, snapshot.success, snapshot.done
+        self._gripper_closed = snapshot.gripper_closed
+
     def render(self) -> np.ndarray | None:
         """With render_mode="rgb_array": head and wrist side by side, uint8[H, 2W, 3]."""
         if self.render_mode != "rgb_array":
@@ -232,6 +267,16 @@ class TabletopEnv(gym.Env):
     def _object_positions(self) -> np.ndarray:
         return self.data.qpos[self._ids.object_qpos].reshape(scene.NUM_OBJECTS, 7)[:, :3].copy()  # [N, 3]
 
+    def _apply_scene(self, layout: tasks.Layout) -> None:
+        """The layout's parts that live in the model: object colours, pad and bin placement."""
+        ids = self._ids
+        for i in range(scene.NUM_OBJECTS):
+            self.model.geom_rgba[ids.object_geoms[i]] = scene.OBJECT_COLOURS[layout.object_colours[i]].rgba
+        for i in range(scene.NUM_PADS):
+            self.model.body_pos[ids.pad_bodies[i], :2] = layout.pad_xy[i]
+            self.model.geom_rgba[ids.pad_geoms[i]] = scene.PAD_COLOURS[layout.pad_colours[i]].rgba
+        self.model.body_pos[ids.bin_body, :2] = layout.bin_xy
+
     def _apply_layout(self, layout: tasks.Layout, hand: np.ndarray) -> None:
         mujoco.mj_resetData(self.model, self.data)
         ids = self._ids
@@ -240,11 +285,7 @@ class TabletopEnv(gym.Env):
             yaw = layout.object_yaw[i]
             qpos = ids.object_qpos[7 * i: 7 * i + 7]
             self.data.qpos[qpos] = [x, y, scene.OBJECT_HALF_SIZE, np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
-            self.model.geom_rgba[ids.object_geoms[i]] = scene.OBJECT_COLOURS[layout.object_colours[i]].rgba
-        for i in range(scene.NUM_PADS):
-            self.model.body_pos[ids.pad_bodies[i], :2] = layout.pad_xy[i]
-            self.model.geom_rgba[ids.pad_geoms[i]] = scene.PAD_COLOURS[layout.pad_colours[i]].rgba
-        self.model.body_pos[ids.bin_body, :2] = layout.bin_xy
+        self._apply_scene(layout)
         hand = np.clip(hand, HAND_LOW, HAND_HIGH)
         self.data.mocap_pos[0] = hand
         self.data.qpos[ids.hand_qpos] = hand - np.array(scene.HAND_HOME)  # slide joints measure from home
