@@ -111,8 +111,7 @@ class Imaginer:
             raise ValueError(f"horizon_chunks must be >= 1, got {horizon_chunks}")
         owned: list[str] = []  # every state this rollout created or kept, released in `finally`
         try:
-            state_ids = self._create_states(starts)
-            owned += state_ids
+            state_ids = self._create_states(starts, owned)  # a failing slice cannot leak the earlier ones
             return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator, seed_base,
                               world_model_temperature, reward_threshold, policy_temperature, owned)
         finally:

@@ -4,8 +4,10 @@ First the critic is regressed on the real buffer's Monte-Carlo chunk returns (`-
 iteration: sample M start states uniformly over (episode, time step) of the real buffer; roll G
 branches per state n chunks through the server; chunk-level GAE with critic bootstrap at the branch end;
 `updates_per_refill` PPO minibatch steps. The only real interaction is the buffer itself (its step count
-is logged as `real_env_steps`). Checkpoints (policy + optimiser + RNG) are written every iteration into
-OUT/latest, so `--resume` continues a stopped run; metrics go to OUT/metrics.jsonl, one JSON per line.
+is logged as `real_env_steps`); with `--simulator` the branches are stepped in the real env instead
+(trainer.sim_imagination: the upper bound of a perfect world model), and their steps are counted too.
+Checkpoints (policy + optimiser + RNG) are written every iteration into OUT/latest, so `--resume` continues
+a stopped run; metrics go to OUT/metrics.jsonl, one JSON per line.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from trainer.ppo import (
     next_values_from,
 )
 from trainer.rollout_client import WorldModelClient
-from trainer.sim_imagination import SimulatorImaginer
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -149,16 +150,22 @@ class MBPOTrainer:
         torch.save({"iteration": self.iteration, "optimizer": self.learner.optimizer.state_dict(),
                     "learner_generator": self.learner.generator.get_state(), "generator": self.generator.get_state(),
                     "rng": self.rng.bit_generator.state, "config": asdict(self.config),
-                    "imaginer_real_env_steps": self.imaginer.real_env_steps}, latest / TRAINER_STATE)
+                    "imaginer": type(self.imaginer).__name__, "imaginer_real_env_steps": self.imaginer.real_env_steps},
+                   latest / TRAINER_STATE)
 
     def resume(self) -> bool:
-        """Loads OUT/latest if it exists; returns whether it did."""
+        """Loads OUT/latest if it exists; returns whether it did. A ConfigError when the run was stepped by the other
+        kind of world model (served vs simulator): its curve would mix two models."""
         latest = self.out_dir / "latest"
         if not (latest / TRAINER_STATE).is_file():
             return False
+        state = torch.load(latest / TRAINER_STATE, weights_only=False)
+        kind = type(self.imaginer).__name__
+        if state.get("imaginer", kind) != kind:
+            raise ConfigError(f"{latest} was trained with {state['imaginer']}, not {kind}: resume it the same way "
+                              "(--server or --simulator) or pick a new --out")
         policy, _ = load_policy(latest)
         self.policy.load_state_dict(policy.state_dict())
-        state = torch.load(latest / TRAINER_STATE, weights_only=False)
         self.learner.optimizer.load_state_dict(state["optimizer"])
         self.learner.generator.set_state(state["learner_generator"])
         self.generator.set_state(state["generator"])
@@ -308,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-baseline", action="store_true",
                         help="first-chunk advantage against the other G - 1 branches of the same start state (G >= 2)")
     parser.add_argument("--states-per-wave", type=int, default=m.states_per_wave,
-                        help="start states alive on the server at once")
+                        help="start states alive on the server (or in the simulator) at once")
     parser.add_argument("--wm-temperature", type=float, default=m.world_model_temperature)
     parser.add_argument("--reward-threshold", type=float, default=m.reward_threshold)
     parser.add_argument("--policy-temperature", type=float, default=m.policy_temperature,
@@ -334,6 +341,8 @@ def main(argv: list[str]) -> int:
                             states_per_wave=args.states_per_wave, eval_every=args.eval_every,
                             eval_episodes=args.eval_episodes, seed=args.seed)
         ppo, eval_config = ppo_config_from_args(args), eval_config_from_args(args)
+        if args.simulator and args.token is not None:
+            raise ConfigError("--token is for a rollout server; --simulator steps the real env in this process")
     except ConfigError as exc:
         print(f"vla-mbpo train: error: {exc}", file=sys.stderr)
         return 2
@@ -341,15 +350,22 @@ def main(argv: list[str]) -> int:
     sampler = StartStateSampler(args.data)
     with contextlib.ExitStack() as stack:
         if args.simulator:
+            from trainer.sim_imagination import SimulatorImaginer  # imports MuJoCo: only after MUJOCO_GL is set
+
             meta = sampler.dataset.manifest
-            imaginer = SimulatorImaginer(policy.config.chunk_size, meta["action_low"], meta["action_high"])
+            imaginer = SimulatorImaginer(policy.config.chunk_size, meta["image_height"], meta["image_width"])
             stack.callback(imaginer.close)
         else:
             client = stack.enter_context(WorldModelClient(args.server, token=args.token))
             client.wait_ready(timeout=60.0)
             imaginer = Imaginer(client)
         trainer = MBPOTrainer(policy, imaginer, sampler, args.out, config, ppo, eval_config)
-        if args.resume and trainer.resume():
+        try:
+            resumed = args.resume and trainer.resume()
+        except ConfigError as exc:
+            print(f"vla-mbpo train: error: {exc}", file=sys.stderr)
+            return 2
+        if resumed:
             print(f"resumed {args.out} at iteration {trainer.iteration}", file=sys.stderr)
         elif (args.out / "metrics.jsonl").exists():
             print(f"vla-mbpo train: error: {args.out} already holds a run; pass --resume or pick a new --out",

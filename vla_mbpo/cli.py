@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-default": ("trainer.build_default", "rebuild the embedded default checkpoint from scratch"),
     "serve": ("runtime.server", "start the gRPC rollout server over the engine"),
     "sft": ("trainer.sft", "behaviour-clone the VLA policy on recorded demos"),
-    "train": ("trainer.mbpo", "VLA-MBPO: PPO on imagined branched rollouts served over gRPC"),
+    "train": ("trainer.mbpo", "VLA-MBPO: PPO on imagined rollouts served over gRPC (--simulator: the real env)"),
     "train-online-ppo": ("trainer.online_ppo", "baseline: PPO directly in the real env"),
     "evaluate": ("trainer.evaluate", "real-env success rate of a policy per task"),
     "report": ("trainer.report", "results table over methods and seeds (mean, spread) + learning-curve PNGs"),

@@ -397,3 +397,18 @@ def test_a_restored_snapshot_continues_bit_for_bit_in_another_env():
     finally:
         source.close()
         other.close()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"task": "lift"}, "an env with task='push' cannot be restored into one with task='lift'"),
+    ({"task": "push", "max_step_size": 0.03}, "max_step_size=0.02 cannot be restored into one with max_step_size=0.03"),
+])
+def test_a_snapshot_of_another_kind_of_env_is_refused(kwargs, message):
+    source, target = make_env("push", image_size=16), make_env(image_size=16, **kwargs)
+    try:
+        source.reset(seed=0)
+        with pytest.raises(EnvConfigError, match=message):
+            target.restore(source.snapshot())
+    finally:
+        source.close()
+        target.close()

@@ -91,10 +91,12 @@ class SimState:
 
 @dataclass(frozen=True, eq=False)
 class EnvSnapshot:
-    """Everything the next step depends on: the episode's goal and scene, MuJoCo's integration state (positions,
-    velocities, mocap target, controls, solver warm start) and the episode counters. `restore` continues
-    from it exactly as the env it was taken from would."""
+    """Everything the next step depends on: the env's task and step size, the episode's goal and scene, MuJoCo's
+    integration state (positions, velocities, mocap target, controls, solver warm start) and the episode
+    counters. `restore` continues from it exactly as the env it was taken from would."""
 
+    task: str
+    max_step_size: float
     goal: tasks.Goal
     layout: tasks.Layout
     instruction: str
@@ -209,12 +211,18 @@ class TabletopEnv(gym.Env):
         goal = self._require_goal()
         physics = np.empty(mujoco.mj_stateSize(self.model, PHYSICS_STATE))
         mujoco.mj_getState(self.model, self.data, physics, PHYSICS_STATE)
-        return EnvSnapshot(goal, self._layout, self._instruction, physics, self._num_steps, self._success,
-                           self._done, self._gripper_closed)
+        return EnvSnapshot(self.config.task, self.config.max_step_size, goal, self._layout, self._instruction, physics,
+                           self._num_steps, self._success, self._done, self._gripper_closed)
 
     def restore(self, snapshot: EnvSnapshot) -> None:
-        """Puts the env back into `snapshot`'s state without rendering; the next step continues from it exactly
-        (bit for bit) as from the env it was taken from."""
+        """Puts the env back into `snapshot`'s state without rendering; the next step's observation, reward and
+        flags are bit for bit those of the env it was taken from. (Before that step, `render` and `sim_state`
+        show the state itself, where the source env's still show the positions before its last substep.)
+        The snapshot must come from an env of the same task and step size (max_steps may differ)."""
+        for name in ("task", "max_step_size"):
+            if getattr(snapshot, name) != getattr(self.config, name):
+                raise EnvConfigError(f"a snapshot of an env with {name}={getattr(snapshot, name)!r} cannot be "
+                                     f"restored into one with {name}={getattr(self.config, name)!r}")
         self._goal, self._layout, self._instruction = snapshot.goal, snapshot.layout, snapshot.instruction
         self._apply_scene(snapshot.layout)
         mujoco.mj_setState(self.model, self.data, snapshot.physics, PHYSICS_STATE)
