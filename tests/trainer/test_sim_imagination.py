@@ -48,7 +48,9 @@ class OnTinyGrid:
 
 
 class FixedChunk(VlaPolicy):
-    """Puts (nearly) all probability on one action chunk, whatever it sees."""
+    """Puts (nearly) all probability on one action chunk, whatever it sees; its critic says VALUE everywhere."""
+
+    VALUE = 0.25
 
     def __init__(self, chunk: np.ndarray) -> None:
         super().__init__(TINY)
@@ -57,7 +59,7 @@ class FixedChunk(VlaPolicy):
     def forward(self, batch) -> PolicyOutput:
         logits = torch.full((len(batch), self.bins.shape[0], TINY.num_bins), -1e4)
         logits[:, torch.arange(self.bins.shape[0]), self.bins] = 0.0
-        return PolicyOutput(logits, torch.zeros(len(batch)))
+        return PolicyOutput(logits, torch.full((len(batch),), self.VALUE))
 
 
 def quantize(actions: np.ndarray) -> np.ndarray:
@@ -134,7 +136,7 @@ def test_a_success_inside_a_chunk_ends_the_branch_with_the_env_reward(sim, exper
     assert rollouts.terminated.tolist() == [[True, False]] * 2 + [[False, False]] * 2
     assert rollouts.rewards.tolist() == [[1.0, 0.0]] * 2 + [[0.0, 0.0]] * 2
     assert rollouts.valid.tolist() == [[True, False]] * 2 + [[True, True]] * 2
-    assert rollouts.bootstrap_values.tolist() == [0.0] * 4  # FixedChunk's critic is 0; a success is not bootstrapped
+    assert rollouts.bootstrap_values.tolist() == [0.0] * 2 + [FixedChunk.VALUE] * 2  # a success is not bootstrapped
     assert sim.real_env_steps == 2 * 1 + 2 * 2 * CHUNK  # the env stopped each successful chunk at its first step
     with pytest.raises(SimulatorError, match=f"episode seed {SEED} \\(lift, .*\\) after {last + 1} steps: the task "
                                              "is already done"):
