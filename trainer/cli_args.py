@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.config import EvalConfig, PPOConfig
+from trainer.config import RATIO_PER, EvalConfig, PPOConfig
 
 
 def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +18,14 @@ def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor-lr", type=float, default=p.actor_lr)
     parser.add_argument("--critic-lr", type=float, default=p.critic_lr)
     parser.add_argument("--clip-ratio", type=float, default=p.clip_ratio)
+    parser.add_argument("--ratio-per", choices=RATIO_PER, default=p.ratio_per,
+                        help="clip one PPO ratio per chunk (the joint of its action dims) or one per action dim")
 
 
 def ppo_config_from_args(args: argparse.Namespace) -> PPOConfig:
     return PPOConfig(updates_per_refill=args.updates_per_refill, minibatch_size=args.minibatch_size,
-                     actor_lr=args.actor_lr, critic_lr=args.critic_lr, clip_ratio=args.clip_ratio)
+                     actor_lr=args.actor_lr, critic_lr=args.critic_lr, clip_ratio=args.clip_ratio,
+                     ratio_per=args.ratio_per)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, eval_every: int, eval_episodes: int) -> None:

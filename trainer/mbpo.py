@@ -150,12 +150,14 @@ class MBPOTrainer:
         torch.save({"iteration": self.iteration, "optimizer": self.learner.optimizer.state_dict(),
                     "learner_generator": self.learner.generator.get_state(), "generator": self.generator.get_state(),
                     "rng": self.rng.bit_generator.state, "config": asdict(self.config),
-                    "imaginer": type(self.imaginer).__name__, "imaginer_real_env_steps": self.imaginer.real_env_steps},
+                    "imaginer": type(self.imaginer).__name__, "imaginer_real_env_steps": self.imaginer.real_env_steps,
+                    "ppo_ratio_per": self.ppo.ratio_per},
                    latest / TRAINER_STATE)
 
     def resume(self) -> bool:
         """Loads OUT/latest if it exists; returns whether it did. A ConfigError when the run was stepped by the other
-        kind of world model (served vs simulator): its curve would mix two models."""
+        kind of world model (served vs simulator) or clipped its PPO ratios the other way (per chunk vs per dim): its
+        curve would mix two models or two objectives (states saved before ratio_per existed are not checked)."""
         latest = self.out_dir / "latest"
         if not (latest / TRAINER_STATE).is_file():
             return False
@@ -164,6 +166,10 @@ class MBPOTrainer:
         if state.get("imaginer", kind) != kind:
             raise ConfigError(f"{latest} was trained with {state['imaginer']}, not {kind}: resume it the same way "
                               "(--server or --simulator) or pick a new --out")
+        ratio_per = state.get("ppo_ratio_per", self.ppo.ratio_per)
+        if ratio_per != self.ppo.ratio_per:
+            raise ConfigError(f"{latest} was trained with PPO ratios per {ratio_per}, not per {self.ppo.ratio_per}: "
+                              f"pass --ratio-per {ratio_per} to continue it or pick a new --out")
         policy, _ = load_policy(latest)
         self.policy.load_state_dict(policy.state_dict())
         self.learner.optimizer.load_state_dict(state["optimizer"])

@@ -84,10 +84,15 @@ def bins_to_actions(bins: torch.Tensor, config: PolicyConfig) -> torch.Tensor:
     return values.reshape(bins.shape[0], config.chunk_size, config.action_dim)
 
 
+def action_dim_log_probs(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Exact log-probability of each chosen bin. logits [B, D, nb], bins [B, D] -> [B, D]."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
+
+
 def chunk_log_prob(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Exact log-probability of whole chunks: sum over action dims. logits [B, D, nb], bins [B, D] -> [B]."""
-    log_probs = F.log_softmax(logits, dim=-1)
-    return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1).sum(-1)
+    return action_dim_log_probs(logits, bins).sum(-1)
 
 
 def chunk_entropy(logits: torch.Tensor) -> torch.Tensor:

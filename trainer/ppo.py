@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import PPOConfig
-from trainer.policy import PolicyBatch, VlaPolicy, chunk_entropy, chunk_log_prob
+from trainer.policy import PolicyBatch, VlaPolicy, action_dim_log_probs, chunk_entropy, chunk_log_prob
 
 
 def next_values_from(values: torch.Tensor, bootstrap: torch.Tensor) -> torch.Tensor:
@@ -103,21 +103,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ActorLoss:
     loss: torch.Tensor  # scalar, to minimise
-    clip_fraction: torch.Tensor  # scalar: share of valid steps whose ratio left [1 - clip, 1 + clip]
-    approx_kl: torch.Tensor  # scalar: mean of (ratio - 1) - log ratio, the k3 estimator
+    clip_fraction: torch.Tensor  # scalar: share of valid ratios (steps, or steps x dims) outside [1 - clip, 1 + clip]
+    approx_kl: torch.Tensor  # scalar: mean over valid steps of (ratio - 1) - log ratio (k3), summed over dims
 
 
 def ppo_actor_loss(new_log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                    valid: torch.Tensor, clip_ratio: float) -> ActorLoss:
-    """Clipped surrogate, both sides: -mean(min(r A, clip(r, 1 - c, 1 + c) A)) over valid steps."""
+    """Clipped surrogate, both sides: -mean(min(r A, clip(r, 1 - c, 1 + c) A)) over valid steps.
+
+    Log-probs [N]: one ratio per step (chunk). Log-probs [N, D]: one ratio per action dim, each clipped on its
+    own against the step's advantage, the step's surrogate the sum over its D dims (equal to the chunk form's
+    gradient while no ratio is clipped). advantages, valid: [N]."""
     log_ratio = new_log_probs - old_log_probs
     ratio = log_ratio.exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), valid)
+    per_dim = ratio.dim() == 2
+    step_advantages = advantages.unsqueeze(-1) if per_dim else advantages
+    unclipped = ratio * step_advantages
+    clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * step_advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    loss = -masked_mean(surrogate.sum(-1) if per_dim else surrogate, valid)
     with torch.no_grad():
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_ratio).to(ratio.dtype), valid)
-        approx_kl = masked_mean((ratio - 1.0) - log_ratio, valid)
+        outside = ((ratio - 1.0).abs() > clip_ratio).to(ratio.dtype)
+        kl = (ratio - 1.0) - log_ratio
+        clip_fraction = masked_mean(outside.mean(-1) if per_dim else outside, valid)
+        approx_kl = masked_mean(kl.sum(-1) if per_dim else kl, valid)
     return ActorLoss(loss=loss, clip_fraction=clip_fraction, approx_kl=approx_kl)
 
 
@@ -167,12 +176,13 @@ class PPOLearner:
             raise ValueError("PPO refill has no valid steps")
         everything = torch.ones(len(batch), dtype=torch.bool)
         advantages = normalize_advantages(batch.advantages, everything)
+        old_log_probs = self._behaviour_dim_log_probs(batch) if self.config.ratio_per == "dim" else batch.old_log_probs
         self.policy.train()
         totals: dict[str, float] = {}
         for _ in range(self.config.updates_per_refill):
             size = min(self.config.minibatch_size, len(batch))
             idx = torch.randperm(len(batch), generator=self.generator)[:size]
-            stats = self._step(batch, idx, advantages[idx])
+            stats = self._step(batch, idx, advantages[idx], old_log_probs[idx])
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
         self.policy.eval()
@@ -192,12 +202,33 @@ class PPOLearner:
         self.policy.eval()
         return float(loss.detach())
 
-    def _step(self, batch: RolloutBatch, idx: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    @torch.no_grad()
+    def _behaviour_dim_log_probs(self, batch: RolloutBatch, rows_per_pass: int = 512) -> torch.Tensor:
+        """Per-dim log-probs [N, D] of the batch's bins under the policy as it acted (before this refill's first
+        step, eval mode, the behaviour temperature); their sums must give the recorded chunk log-probs, or the
+        batch was not drawn from this policy and a per-dim ratio would be against the wrong behaviour."""
+        parts = []
+        for start in range(0, len(batch), rows_per_pass):
+            idx = torch.arange(start, min(start + rows_per_pass, len(batch)))
+            logits = self.policy(batch.observations.index(idx)).logits / self.temperature
+            parts.append(action_dim_log_probs(logits, batch.bins[idx]))
+        per_dim = torch.cat(parts)  # [N, D]
+        gap = float((per_dim.sum(-1) - batch.old_log_probs).abs().max())
+        if gap > 1e-3:
+            raise ValueError(f"the refill's recorded chunk log-probs differ from the policy's own by up to {gap:.3g}: "
+                             "per-dim PPO ratios need the batch drawn by this policy at temperature "
+                             f"{self.temperature}")
+        return per_dim
+
+    def _step(self, batch: RolloutBatch, idx: torch.Tensor, advantages: torch.Tensor,
+              old_log_probs: torch.Tensor) -> dict[str, float]:
+        """One minibatch step; `old_log_probs` [n] per chunk or [n, D] per dim (config.ratio_per)."""
         out = self.policy(batch.observations.index(idx))
         logits = out.logits / self.temperature  # [n, D, nb]
         valid = torch.ones(idx.shape[0], dtype=torch.bool)
-        actor = ppo_actor_loss(chunk_log_prob(logits, batch.bins[idx]), batch.old_log_probs[idx], advantages,
-                               valid, self.config.clip_ratio)
+        new_log_probs = (action_dim_log_probs(logits, batch.bins[idx]) if old_log_probs.dim() == 2
+                         else chunk_log_prob(logits, batch.bins[idx]))
+        actor = ppo_actor_loss(new_log_probs, old_log_probs, advantages, valid, self.config.clip_ratio)
         critic = ppo_critic_loss(out.values, batch.old_values[idx], batch.returns[idx], valid,
                                  self.config.value_clip, self.config.huber_delta)
         entropy = chunk_entropy(logits).mean()

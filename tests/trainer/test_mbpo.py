@@ -137,14 +137,15 @@ def test_group_baseline_needs_several_branches():
     assert MBPOConfig(group_baseline=True, branches_per_state=4).group_baseline
 
 
-def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path):
+@pytest.mark.parametrize("ratio_per", ["chunk", "dim"])
+def test_tiny_vla_mbpo_run_against_a_real_server(server, buffer_dir, tmp_path, ratio_per):
     torch.manual_seed(0)
     policy = VlaPolicy(TINY)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     config = MBPOConfig(iterations=2, num_start_states=6, branches_per_state=2, horizon_chunks=2, states_per_wave=4,
                         critic_warmup_steps=0, group_baseline=True)
-    ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3)
-    with WorldModelClient(server.target) as client:
+    ppo = PPOConfig(updates_per_refill=2, minibatch_size=8, actor_lr=1e-3, ratio_per=ratio_per)
+    with WorldModelClient(server.target) as client:  # per dim the learner checks the served branches' log-probs
         trainer = MBPOTrainer(policy, Imaginer(client), StartStateSampler(buffer_dir), tmp_path / "run", config, ppo)
         trainer.train(progress=False)
         stats = client.stats()

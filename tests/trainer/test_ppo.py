@@ -102,6 +102,39 @@ def test_actor_loss_clips_both_sides():
     assert float(out.approx_kl) == pytest.approx(float(expected_kl), abs=1e-6)
 
 
+def test_per_dim_actor_loss_clips_each_dim_against_the_step_advantage():
+    old = torch.log(t([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]))
+    new = torch.log(t([[0.6, 0.4], [0.6, 0.4], [0.9, 0.9]]))
+    adv = t([1.0, -1.0, 7.0])
+    valid = t([1, 1, 0], torch.bool)
+    out = ppo_actor_loss(new, old, adv, valid, clip_ratio=0.1)
+    # ratios 1.2 and 0.8 per dim. A = 1: min(1.2, 1.1) + min(0.8, 0.9) = 1.9; A = -1: min(-1.2, -1.1) +
+    # min(-0.8, -0.9) = -2.1; the third step is masked. (One chunk ratio 0.96 would clip neither: loss 0.)
+    assert float(out.loss) == pytest.approx(-(1.9 - 2.1) / 2, abs=1e-6)
+    assert float(out.clip_fraction) == 1.0
+    kl_per_step = float((0.2 - torch.log(t(1.2))) + (-0.2 - torch.log(t(0.8))))
+    assert float(out.approx_kl) == pytest.approx(kl_per_step, abs=1e-6)
+    chunk = ppo_actor_loss(new.sum(-1), old.sum(-1), adv, valid, clip_ratio=0.1)
+    assert float(chunk.loss) == pytest.approx(-(0.96 - 0.96) / 2, abs=1e-6) and float(chunk.clip_fraction) == 0.0
+
+
+def test_per_dim_and_chunk_surrogates_start_with_the_same_gradient():
+    old = torch.log(t([[0.5, 0.25], [0.5, 0.5]]))
+    adv, valid = t([1.0, -2.0]), t([1, 1], torch.bool)
+    per_dim, chunk = old.clone().requires_grad_(True), old.clone().requires_grad_(True)
+    ppo_actor_loss(per_dim, old, adv, valid, 0.1).loss.backward()
+    ppo_actor_loss(chunk.sum(-1), old.sum(-1), adv, valid, 0.1).loss.backward()
+    # at r = 1, d/dlogp_d of -mean(A r) is -A / N for every dim, whether r is per dim or the chunk's joint
+    assert per_dim.grad.tolist() == chunk.grad.tolist() == [[-0.5, -0.5], [1.0, 1.0]]
+    # a step later they part: per dim each dim's own ratio scales its gradient, per chunk the joint's does
+    new = torch.log(t([[0.52, 0.26], [0.49, 0.5]]))
+    per_dim, chunk = new.clone().requires_grad_(True), new.clone().requires_grad_(True)
+    ppo_actor_loss(per_dim, old, adv, valid, 0.1).loss.backward()
+    ppo_actor_loss(chunk.sum(-1), old.sum(-1), adv, valid, 0.1).loss.backward()
+    assert per_dim.grad.flatten().tolist() == pytest.approx([-0.52, -0.52, 0.98, 1.0], abs=1e-6)
+    assert chunk.grad.flatten().tolist() == pytest.approx([-0.5408, -0.5408, 0.98, 0.98], abs=1e-6)
+
+
 def test_actor_loss_gradient_is_zero_when_clipped_in_the_favourable_direction():
     new = torch.log(t([1.2, 0.8])).requires_grad_(True)
     ppo_actor_loss(new, torch.zeros(2), t([1.0, -1.0]), t([1, 1], torch.bool), 0.1).loss.backward()
@@ -117,7 +150,8 @@ def test_critic_loss_huber_with_value_clipping():
     assert float(loss) == pytest.approx((1.125 + 220.0) / 2, abs=1e-3)
 
 
-def test_learner_moves_log_prob_towards_positive_advantage():
+@pytest.mark.parametrize("ratio_per", ["chunk", "dim"])
+def test_learner_moves_log_prob_towards_positive_advantage(ratio_per):
     torch.manual_seed(0)
     config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
                           text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
@@ -132,7 +166,8 @@ def test_learner_moves_log_prob_towards_positive_advantage():
         old = chunk_log_prob(out.logits, bins)
     adv = t([1.0, -1.0] * 4)
     batch = RolloutBatch(obs, bins, old, out.values, adv, torch.ones(n))
-    learner = PPOLearner(policy, PPOConfig(actor_lr=1e-3, updates_per_refill=5, minibatch_size=8))
+    learner = PPOLearner(policy, PPOConfig(actor_lr=1e-3, updates_per_refill=5, minibatch_size=8,
+                                           ratio_per=ratio_per))
     stats = learner.update(batch)
     assert set(stats) == {"actor_loss", "critic_loss", "clip_fraction", "approx_kl", "entropy", "actor_grad_norm",
                           "critic_grad_norm"}
@@ -147,9 +182,12 @@ def test_ppo_config_validation_names_the_field():
         PPOConfig(clip_ratio=1.5)
     with pytest.raises(ConfigError, match=r"gamma must lie in \(0, 1\], got 0"):
         PPOConfig(gamma=0)
+    with pytest.raises(ConfigError, match=r"ratio_per must be one of \('chunk', 'dim'\), got 'token'"):
+        PPOConfig(ratio_per="token")
 
 
-def test_learner_first_step_has_unit_ratio_under_the_same_temperature():
+@pytest.mark.parametrize("ratio_per", ["chunk", "dim"])
+def test_learner_first_step_has_unit_ratio_under_the_same_temperature(ratio_per):
     torch.manual_seed(0)
     config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
                           text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
@@ -158,8 +196,24 @@ def test_learner_first_step_has_unit_ratio_under_the_same_temperature():
                       encode_instructions(["push"] * 4, config.max_instruction_bytes))
     _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
     batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
-    stats = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4), temperature=0.5).update(batch)
+    learner = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4, ratio_per=ratio_per),
+                         temperature=0.5)
+    stats = learner.update(batch)
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+
+
+def test_per_dim_learner_refuses_a_batch_another_policy_drew():
+    torch.manual_seed(0)
+    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
+                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+    policy = VlaPolicy(config).eval()
+    obs = PolicyBatch(torch.zeros((4, 16, 16, 3), dtype=torch.uint8), torch.zeros((4, 16, 16, 3), dtype=torch.uint8),
+                      encode_instructions(["push"] * 4, config.max_instruction_bytes))
+    _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
+    batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
+    learner = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4, ratio_per="dim"), temperature=1.0)
+    with pytest.raises(ValueError, match="per-dim PPO ratios need the batch drawn by this policy at temperature 1.0"):
+        learner.update(batch)
 
 
 def test_monte_carlo_chunk_returns_by_hand():

@@ -219,6 +219,9 @@ def test_train_cli_on_the_simulator_counts_its_real_steps(random_episode, tmp_pa
                          PPOConfig())
     with pytest.raises(ConfigError, match="was trained with SimulatorImaginer, not Imaginer: resume it the same way"):
         served.resume()
+    capsys.readouterr()
+    assert main([*argv, "--iterations", "4", "--resume", "--ratio-per", "chunk"]) == 2  # trained per dim, the default
+    assert "was trained with PPO ratios per dim, not per chunk: pass --ratio-per dim" in capsys.readouterr().err
     assert main([*argv, "--iterations", "4", "--token", "t"]) == 2
     assert "--token is for a rollout server" in capsys.readouterr().err
 
