@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import numbers
 import threading
@@ -433,8 +434,16 @@ class AsyncEngine:
         def on_result(result: BranchResult) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, result)
 
-        request: ImagineRequest = await asyncio.wrap_future(self._submit(
-            lambda: self.engine.add_branches(branches, sampling, return_tokens, return_images, on_result)))
+        added = self._submit(
+            lambda: self.engine.add_branches(branches, sampling, return_tokens, return_images, on_result))
+        try:
+            request: ImagineRequest = await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            # Cancelled while the engine thread ran add_branches (or before it handed the request back): nobody
+            # will consume the request, so abort it as soon as it exists. A command cancelled before it ran
+            # adds nothing.
+            added.add_done_callback(self._abort_if_added)
+            raise
         done = asyncio.wrap_future(request.future)
         delivered = 0
         delivered_indices: set[int] = set()
@@ -458,6 +467,13 @@ class AsyncEngine:
                 getter.cancel()  # a cancelled consumer leaves its queue.get() pending otherwise
             if delivered < len(branches) and not self._closed:
                 self._submit(lambda: self._abort_undelivered(request, delivered_indices))
+
+    def _abort_if_added(self, added: concurrent.futures.Future) -> None:
+        """Done-callback of an add_branches command whose caller was cancelled: aborts what it added."""
+        if not added.cancelled() and added.exception() is None:
+            request = added.result()
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: closing fails every request anyway
+                self._submit(lambda: self._abort_undelivered(request, set()))
 
     def _abort_undelivered(self, request: ImagineRequest, delivered_indices: set[int]) -> None:
         """Engine thread: aborts the unfinished branches and releases the kept states of finished results

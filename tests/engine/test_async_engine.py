@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 from engine_helpers import branch, make_engine, start_state
@@ -76,6 +77,45 @@ def test_cancelling_the_consumer_task_aborts_too(async_engine, tiny_layout):
 
     stats = asyncio.run(scenario())
     assert (stats.queue_depth, stats.kv_blocks_used) == (0, 9)
+
+
+def test_cancelled_while_the_engine_adds_the_branches_they_are_aborted_once_added(async_engine, tiny_layout):
+    """A deadline can land while the engine thread runs add_branches (a loaded machine): the request is then
+    never handed back, so the stream must abort it itself once it exists, or its branches run unowned."""
+    started, proceed = threading.Event(), threading.Event()
+    add_branches = async_engine.engine.add_branches
+
+    def slow_add_branches(*args, **kwargs):
+        started.set()
+        proceed.wait(10)
+        return add_branches(*args, **kwargs)
+
+    async_engine.engine.add_branches = slow_add_branches
+
+    async def scenario():
+        (state,) = await async_engine.create_states([start_state(tiny_layout, 4)])
+
+        async def consume():
+            async for _ in async_engine.imagine_stream([branch(tiny_layout, state, seed=i) for i in range(20)],
+                                                       SAMPLED):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # the engine thread is still inside add_branches
+        proceed.set()
+        for _ in range(500):
+            stats = await asyncio.to_thread(async_engine.stats)
+            if stats.queue_depth == 0:
+                return stats
+            await asyncio.sleep(0.01)
+        return stats
+
+    stats = asyncio.run(scenario())
+    assert (stats.queue_depth, stats.kv_blocks_used) == (0, 9)  # only the state's blocks
+    assert stats.branches_completed < 20
 
 
 def test_errors_reach_the_caller_and_the_engine_keeps_serving(async_engine, tiny_layout):
