@@ -90,8 +90,8 @@ class PPOConfig:
     entropy_coef: float = 0.0
     # "dim": one ratio per action dim, each clipped on its own and the chunk's surrogate the sum over its dims
     # (token-level PPO, as RL on LLM tokens does); "chunk": one ratio per chunk (the product of its D per-dim
-    # ratios), clipped as a whole: 16% of chunks clipped at an approx KL of 0.003 per refill (simulator runs);
-    # per dim lifted online PPO, the simulator loop and served VLA-MBPO by 2-4 points (README, 3 seeds each)
+    # ratios), clipped as a whole: 16% of chunks clipped at an approx KL of 0.003 per refill (a simulator run);
+    # per dim lifted served VLA-MBPO, the simulator loop and online PPO by 2.2-5.8 points (README, 3 seeds each)
     ratio_per: str = "dim"
 
     def __post_init__(self) -> None:

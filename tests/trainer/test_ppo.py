@@ -150,11 +150,24 @@ def test_critic_loss_huber_with_value_clipping():
     assert float(loss) == pytest.approx((1.125 + 220.0) / 2, abs=1e-3)
 
 
+TINY_LEARNER_POLICY = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
+                                   text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+
+
+def acted_batch() -> tuple[VlaPolicy, RolloutBatch]:
+    """A tiny policy (eval mode) and a 4-row batch it drew at temperature 0.5, with fixed advantages."""
+    torch.manual_seed(0)
+    policy = VlaPolicy(TINY_LEARNER_POLICY).eval()
+    obs = PolicyBatch(torch.zeros((4, 16, 16, 3), dtype=torch.uint8), torch.zeros((4, 16, 16, 3), dtype=torch.uint8),
+                      encode_instructions(["push"] * 4, TINY_LEARNER_POLICY.max_instruction_bytes))
+    _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
+    return policy, RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
+
+
 @pytest.mark.parametrize("ratio_per", ["chunk", "dim"])
 def test_learner_moves_log_prob_towards_positive_advantage(ratio_per):
     torch.manual_seed(0)
-    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
-                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+    config = TINY_LEARNER_POLICY
     policy = VlaPolicy(config)
     n = 8
     obs = PolicyBatch(torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8),
@@ -188,14 +201,7 @@ def test_ppo_config_validation_names_the_field():
 
 @pytest.mark.parametrize("ratio_per", ["chunk", "dim"])
 def test_learner_first_step_has_unit_ratio_under_the_same_temperature(ratio_per):
-    torch.manual_seed(0)
-    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
-                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
-    policy = VlaPolicy(config).eval()
-    obs = PolicyBatch(torch.zeros((4, 16, 16, 3), dtype=torch.uint8), torch.zeros((4, 16, 16, 3), dtype=torch.uint8),
-                      encode_instructions(["push"] * 4, config.max_instruction_bytes))
-    _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
-    batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
+    policy, batch = acted_batch()
     learner = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4, ratio_per=ratio_per),
                          temperature=0.5)
     stats = learner.update(batch)
@@ -203,14 +209,7 @@ def test_learner_first_step_has_unit_ratio_under_the_same_temperature(ratio_per)
 
 
 def test_per_dim_learner_refuses_a_batch_another_policy_drew():
-    torch.manual_seed(0)
-    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
-                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
-    policy = VlaPolicy(config).eval()
-    obs = PolicyBatch(torch.zeros((4, 16, 16, 3), dtype=torch.uint8), torch.zeros((4, 16, 16, 3), dtype=torch.uint8),
-                      encode_instructions(["push"] * 4, config.max_instruction_bytes))
-    _, bins, log_probs, values = policy.act(obs, torch.Generator().manual_seed(0), temperature=0.5)
-    batch = RolloutBatch(obs, bins, log_probs, values, t([1.0, -1.0, 0.5, -0.5]), values)
+    policy, batch = acted_batch()  # drawn at temperature 0.5, offered to a learner at 1.0
     learner = PPOLearner(policy, PPOConfig(updates_per_refill=1, minibatch_size=4, ratio_per="dim"), temperature=1.0)
     with pytest.raises(ValueError, match="per-dim PPO ratios need the batch drawn by this policy at temperature 1.0"):
         learner.update(batch)
@@ -229,8 +228,7 @@ def test_monte_carlo_chunk_returns_by_hand():
 
 def test_fit_critic_regresses_values_and_leaves_the_actor_alone():
     torch.manual_seed(0)
-    config = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16,
-                          text_feature_dim=8, text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, num_bins=5)
+    config = TINY_LEARNER_POLICY
     policy = VlaPolicy(config)
     obs = PolicyBatch(torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8),
                       torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8),
