@@ -25,6 +25,7 @@ import torch
 
 from trainer.config import ConfigError, EvalConfig
 from trainer.data import DatasetMeta, Episode, EpisodeRecorder, EpisodeWriter
+from trainer.machine import machine_fingerprint
 from trainer.plots import EVAL_TEMPERATURE_KEY
 from trainer.policy import VlaPolicy, load_policy, make_batch, save_policy
 
@@ -47,6 +48,7 @@ class EvalResult:
     episodes: tuple[EpisodeOutcome, ...]
     seconds: float
     config: EvalConfig | None = None  # the rule it followed, written into its JSON
+    machine: dict[str, str] | None = None  # trainer.machine.machine_fingerprint() of the machine it ran on
 
     def to_json(self) -> dict:
         out = {"success_rate": self.success_rate, "mean_success": self.mean_success, "seconds": self.seconds}
@@ -54,6 +56,8 @@ class EvalResult:
             c = self.config
             out.update({"action_rule": c.action_rule, "seed": c.seed, "episodes_per_family": c.episodes,
                         "sample_seed": None if c.greedy else c.sample_seed})
+        if self.machine is not None:
+            out["machine"] = self.machine
         out["episodes"] = [{"env_id": e.env_id, "seed": e.seed, "success": e.success, "env_steps": e.env_steps}
                            for e in self.episodes]
         return out
@@ -178,7 +182,8 @@ def evaluate_policy(policy_dir: Path, config: EvalConfig, record: bool = False,
     for env_id in config.env_ids:
         mine = [o.success for o in outcomes if o.env_id == env_id]
         rates[family_name(env_id)] = float(np.mean(mine))
-    return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started, config)
+    return EvalResult(rates, float(np.mean(list(rates.values()))), outcomes, time.perf_counter() - started, config,
+                      machine_fingerprint())
 
 
 def evaluate_in_training(policy: VlaPolicy, out_dir: Path, config: EvalConfig, stage: str,

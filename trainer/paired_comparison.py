@@ -5,7 +5,8 @@ so an episode's outcome under the method minus its outcome under the baseline re
 variance that dominates a 300-episode success rate. With several runs (training seeds) of the method, each
 episode's outcome is first averaged over the runs, so the baseline's outcome of that episode counts once. The
 standard error is over episodes, for these trained runs: it does not include how much another set of training
-seeds would differ (the per-seed column of the report shows that spread).
+seeds would differ (the per-seed column of the report shows that spread). The shared noise holds on one machine only
+(`trainer.machine`): files that record different machines are not paired.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ def read_episode_outcomes(path: Path) -> dict[EpisodeKey, bool]:
         return {(str(e["env_id"]), int(e["seed"])): bool(e["success"]) for e in data.get("episodes", [])}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: an episode entry needs env_id, seed and success: {exc!r}") from None
+
+
+def read_machine(path: Path) -> dict | None:
+    """The machine fingerprint an `evaluate --out` JSON records, or None for a file written before they did."""
+    machine = json.loads(Path(path).read_text()).get("machine")
+    return dict(machine) if isinstance(machine, dict) else None
+
+
+def other_machines(baseline: dict | None, runs: list[dict | None]) -> list[dict]:
+    """The recorded machines of `runs` that are not the baseline's (none when the baseline's is unrecorded)."""
+    if baseline is None:
+        return []
+    return [m for m in runs if m is not None and m != baseline]
 
 
 def paired_difference(method_runs: list[dict[EpisodeKey, bool]], baseline: dict[EpisodeKey, bool],

@@ -9,7 +9,8 @@ Per method: real success per seed, mean, sample std and min..max, per task famil
 steps spent. Every run of one report must follow one action rule (the mode, or sampling at one temperature):
 a table that mixes them is refused, naming the runs of each rule. From `--eval-file` tables whose baseline
 (`--sft-label`) is one run evaluated on the same episodes, each method also gets its paired difference to it
-(`trainer.paired_comparison`). Writes OUT/results.json, OUT/results.md and, for training runs, the learning
+(`trainer.paired_comparison`), unless their files record different machines (`trainer.machine`: then n/a,
+with the machines in results.json). Writes OUT/results.json, OUT/results.md and, for training runs, the learning
 curves.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trainer.config import format_action_rule
-from trainer.paired_comparison import paired_difference, read_episode_outcomes
+from trainer.paired_comparison import other_machines, paired_difference, read_episode_outcomes, read_machine
 from trainer.plots import EVAL_TEMPERATURE_KEY, SUCCESS_KEY, plot_learning_curves, read_metrics
 
 FAMILY_PREFIX = "real/success_"
@@ -139,15 +140,20 @@ def format_results(summary: dict[str, dict], baseline_label: str | None = None) 
             d = m.get("paired_vs_baseline")
             if d:
                 row += f" {100 * d['mean']:+.1f} +- {100 * d['se']:.1f} ({d['episodes']} episodes) |"
-            else:  # the baseline itself, or runs evaluated on other episodes than the baseline's
-                row += " - |" if label == baseline_label else " n/a (other episodes) |"
+            elif label == baseline_label:
+                row += " - |"
+            elif "paired_refused" in m:  # evaluated on another machine than the baseline: not the same noise
+                row += " n/a (another machine) |"
+            else:  # runs evaluated on other episodes than the baseline's
+                row += " n/a (other episodes) |"
         lines.append(row)
     return "\n".join(lines)
 
 
 def add_paired_differences(summary: dict[str, dict], runs: dict[str, list[Path]], baseline_label: str,
                            eval_file: str) -> None:
-    """Adds `paired_vs_baseline` to every method evaluated on exactly the baseline's episodes."""
+    """Adds `paired_vs_baseline` to every method evaluated on exactly the baseline's episodes on the baseline's
+    machine, `paired_refused` (which machines differ) to a method evaluated on the same episodes elsewhere."""
     def outcomes(run_dir: Path) -> dict:
         try:
             return read_episode_outcomes(run_dir / eval_file)
@@ -155,8 +161,13 @@ def add_paired_differences(summary: dict[str, dict], runs: dict[str, list[Path]]
             raise ReportError(str(exc)) from None
 
     baseline = outcomes(runs[baseline_label][0])
+    baseline_machine = read_machine(runs[baseline_label][0] / eval_file)
     for label, dirs in runs.items():
         if label == baseline_label:
+            continue
+        elsewhere = other_machines(baseline_machine, [read_machine(d / eval_file) for d in dirs])
+        if elsewhere:
+            summary[label]["paired_refused"] = {"baseline_machine": baseline_machine, "other_machines": elsewhere}
             continue
         difference = paired_difference([outcomes(d) for d in dirs], baseline)
         if difference is not None:

@@ -19,6 +19,7 @@ from trainer.evaluate import (
     format_table,
     record_to,
 )
+from trainer.machine import machine_fingerprint
 from trainer.policy import VlaPolicy, save_policy
 
 # 64x64 like the env; four halvings keep the CNN tiny.
@@ -136,7 +137,7 @@ def test_episode_streams_are_fixed_by_sample_seed_env_and_env_seed():
                 episode_generator(0, "VlaMbpo/Lift-v0", 6).initial_seed()}) == 4
 
 
-def test_evaluation_json_states_its_rule(policy_dir):
+def test_evaluation_json_states_its_rule_and_machine(policy_dir):
     sampled = EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=5, num_workers=1, max_steps=8, greedy=False,
                          temperature=0.5, sample_seed=3)
     out = evaluate_policy(policy_dir, sampled).to_json()
@@ -145,6 +146,7 @@ def test_evaluation_json_states_its_rule(policy_dir):
     mode = evaluate_policy(policy_dir, EvalConfig(env_ids=("VlaMbpo/Lift-v0",), episodes=1, seed=5, num_workers=1,
                                                   max_steps=8, sample_seed=3)).to_json()
     assert (mode["action_rule"], mode["sample_seed"]) == ("mode", None)
+    assert out["machine"] == mode["machine"] == machine_fingerprint()
 
 
 def test_worker_processes_give_the_same_outcomes_as_in_process(policy_dir):

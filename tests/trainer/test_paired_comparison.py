@@ -6,7 +6,7 @@ import math
 import pytest
 
 from trainer import report
-from trainer.paired_comparison import paired_difference, read_episode_outcomes
+from trainer.paired_comparison import other_machines, paired_difference, read_episode_outcomes, read_machine
 
 LIFT = "VlaMbpo/Lift-v0"
 
@@ -68,3 +68,32 @@ def test_report_adds_the_paired_column_against_one_baseline_run(tmp_path):
     assert table[1] == "|---" * 7 + "|"
     assert table[2].endswith("| - | - |") and table[4].endswith("| 900 | n/a (other episodes) |")
     assert table[3].endswith("| 900 | +37.5 +- 23.9 (4 episodes) |")
+
+
+def test_report_does_not_pair_evaluations_from_another_machine(tmp_path):
+    """The same seeds on another CPU or library build are not the same noise: no paired column for those runs."""
+    here = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.13.0+cpu", "mujoco": "4.0.1", "numpy": "2.4.6"}
+    there = {**here, "cpu": "Intel Xeon"}
+    runs = {"SFT": [write_run(tmp_path / "sft", [1, 0, 0, 1])], "same": [write_run(tmp_path / "a", [1, 1, 0, 1], 900)],
+            "other": [write_run(tmp_path / "b", [1, 1, 0, 1], 900), write_run(tmp_path / "c", [1, 1, 0, 1], 900)],
+            "unrecorded": [write_run(tmp_path / "d", [1, 1, 0, 1], 900)]}
+    for run, machine in (("sft", here), ("a", here), ("b", here), ("c", there)):
+        path = tmp_path / run / "eval_t.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machine}))
+    summary = report.build_report(runs, tmp_path / "out", sft_label="SFT", eval_file="eval_t.json")
+    assert summary["same"]["paired_vs_baseline"]["mean"] == 0.25
+    assert summary["unrecorded"]["paired_vs_baseline"]["mean"] == 0.25  # a file from before machines were recorded
+    assert "paired_vs_baseline" not in summary["other"]
+    assert summary["other"]["paired_refused"] == {"baseline_machine": here, "other_machines": [there]}
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[4].endswith("| 900 | n/a (another machine) |")
+
+
+def test_read_machine(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"mean_success": 0.5, "machine": {"cpu": "AMD EPYC"}}))
+    assert read_machine(path) == {"cpu": "AMD EPYC"}
+    path.write_text(json.dumps({"mean_success": 0.5}))
+    assert read_machine(path) is None
+    assert other_machines(None, [{"cpu": "x"}]) == []
+    assert other_machines({"cpu": "x"}, [None, {"cpu": "x"}, {"cpu": "y"}]) == [{"cpu": "y"}]
