@@ -18,6 +18,12 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# Hugging Face's `kernels` distribution imports as `kernels`, the name of this repository's kernel package:
+# transformers finds its metadata, imports ours and fails. transformers < 5.25 does not need it; drop one left over.
+if "$VENV/bin/python" -m pip show --quiet kernels >/dev/null 2>&1; then
+  echo "set-up: removing the 'kernels' distribution (its import name collides with this repository's kernels/)"
+  "$VENV/bin/python" -m pip uninstall --quiet --yes kernels
+fi
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 echo "set-up done: $VENV"
