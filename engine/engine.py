@@ -225,8 +225,7 @@ class Engine:
         requests = {id(seq.request): seq.request for seq in seqs if seq.request is not None}
         self.scheduler.abort(seqs)
         for request in requests.values():
-            if not request.future.done():
-                request.future.set_exception(error)
+            self._fail_request(request, error)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -315,9 +314,21 @@ class Engine:
         error = CapacityError(f"KV cache exhausted: {self.kv.num_used_blocks} of {self.kv.pool.num_blocks} blocks "
                               f"are held by {len(self._states)} live states and a {seq.num_tokens}-token stream "
                               f"does not fit; release states or raise num_kv_blocks")
-        request = seq.request
+        self._fail_request(seq.request, error)
+
+    def _fail_request(self, request: ImagineRequest | StatesRequest, error: BaseException) -> None:
+        """Ends a request with `error`: aborts its unfinished sequences and releases the states it already made
+        whose ids can no longer reach anyone. A failed future carries no ids: every state of a create_states, and
+        the kept states of an imagine whose results only the future delivers (with `on_result` the consumer has
+        been handed each finished result and owns its state)."""
         self.scheduler.abort(request.seqs)
-        request.future.set_exception(error)
+        if isinstance(request, StatesRequest):
+            made = request.state_ids
+        else:
+            made = [r.state_id for r in request.results if r is not None] if request.on_result is None else []
+        self.release([state_id for state_id in made if state_id in self._states])
+        if not request.future.done():
+            request.future.set_exception(error)
 
     def _deliver(self, finished: list[Sequence]) -> None:
         states = [seq for seq in finished if not seq.is_branch]

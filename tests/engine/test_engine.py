@@ -131,6 +131,32 @@ def test_unfittable_request_raises_capacity_error_and_engine_keeps_serving(tiny_
     assert result.state_id is None and engine.stats().kv_blocks_used == 9
 
 
+def test_create_states_that_runs_out_of_blocks_releases_the_states_it_made(tiny_checkpoint, tiny_layout):
+    engine = make_engine(tiny_checkpoint, num_kv_blocks=20)
+    (held,) = engine.create_states([start_state(tiny_layout, 5)])  # 9 blocks
+    # The first new state is prefilled and finished (6 blocks of its own) before the second finds 5 free blocks
+    # for its 9: the call fails, and the finished state, whose id the caller never gets, is released with it.
+    with pytest.raises(CapacityError, match=r"KV cache exhausted: 15 of 20 blocks are held by 2 live states and "
+                                            r"a 35-token stream does not fit"):
+        engine.create_states([start_state(tiny_layout, 6, "pick up the green cube"),
+                              start_state(tiny_layout, 7, "pick up the blue cube")])
+    stats = engine.stats()
+    assert (stats.live_states, stats.kv_blocks_used) == (1, 9)
+    engine.release([held])
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_imagine_that_runs_out_of_blocks_releases_the_states_it_kept(tiny_checkpoint, tiny_layout):
+    engine = make_engine(tiny_checkpoint, num_kv_blocks=30, max_num_batched_tokens=64)
+    (state,) = engine.create_states([start_state(tiny_layout, 5)])  # 9 blocks
+    # The first kept branch finishes and holds its blocks; the next cannot fit beside it and nothing else runs.
+    with pytest.raises(CapacityError, match=r"KV cache exhausted: 21 of 30 blocks are held by 2 live states and "
+                                            r"a 74-token stream does not fit"):
+        engine.imagine([branch(tiny_layout, state, seed=i, keep_state=True) for i in range(3)], SAMPLED)
+    stats = engine.stats()
+    assert (stats.live_states, stats.kv_blocks_used) == (1, 9)
+
+
 @pytest.mark.parametrize(
     ("make_request", "error", "message"),
     [
