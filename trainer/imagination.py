@@ -5,19 +5,29 @@ chunks through Imagine (past the model's window of max_chunks_per_branch chunks,
 the last imagined observation). A branch's reward after a chunk is the model's success judgement; success
 latches `done`, so a finished branch is not rolled further. All but the last chunk keep their state;
 every created or kept state is released before returning, also when something fails.
+
+Several trainers may share one server: when its KV cache is full of states that other clients hold, a call fails
+with RESOURCE_EXHAUSTED. The rollout then releases everything it holds (which may be what blocks the others), waits
+with backoff and starts again from the same start states, a bounded number of times (`capacity_retry`).
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import torch
 
 from trainer.policy import VlaPolicy, make_batch
-from trainer.rollout_client import WorldModelClient
+from trainer.rollout_client import RetryPolicy, RolloutServerError, WorldModelClient
+
+# Waits while other clients' states fill the server's KV cache: 7 waits of 1, 2, 4, 8, 16, 30, 30 s (+- 20%), then fails.
+CAPACITY_RETRY = RetryPolicy(max_attempts=8, initial_backoff=1.0, max_backoff=30.0)
 
 POLICY_BATCH = 1024  # rows per policy forward: bounds activation memory at M = 1024, G > 1
 
@@ -89,15 +99,19 @@ class Imaginer:
     """Runs branched rollouts over one client, splitting requests to the server's limits."""
 
     real_env_steps = 0  # the served model spends no real interaction
+    num_capacity_retries = 0  # rollouts started again after RESOURCE_EXHAUSTED, over this imaginer's life
 
     def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4,
-                 imagine_timeout: float = 1800.0) -> None:
+                 imagine_timeout: float = 1800.0, capacity_retry: RetryPolicy = CAPACITY_RETRY) -> None:
         """`imagine_timeout`: deadline in seconds of one CreateStates or Imagine call; a CPU-served world
-        model can take minutes for a few thousand branches, far beyond the client's default."""
+        model can take minutes for a few thousand branches, far beyond the client's default. `capacity_retry`:
+        attempts and backoff of a whole rollout that the server refused with RESOURCE_EXHAUSTED."""
         self.client = client
         self.info = client.model_info()
         self.max_parallel_requests = max_parallel_requests
         self.imagine_timeout = imagine_timeout
+        self.capacity_retry = capacity_retry
+        self._rng = random.Random(0)
 
     def rollout(self, policy: VlaPolicy, starts: Sequence[StartState], branches_per_state: int, horizon_chunks: int,
                 generator: torch.Generator, seed_base: int, world_model_temperature: float = 1.0,
@@ -109,13 +123,21 @@ class Imaginer:
         real start state, instead of on a stream longer than it was trained on."""
         if horizon_chunks < 1:
             raise ValueError(f"horizon_chunks must be >= 1, got {horizon_chunks}")
-        owned: list[str] = []  # every state this rollout created or kept, released in `finally`
-        try:
-            state_ids = self._create_states(starts, owned)  # a failing slice cannot leak the earlier ones
-            return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator, seed_base,
-                              world_model_temperature, reward_threshold, policy_temperature, owned)
-        finally:
-            self._release(owned)
+        attempt = 0
+        while True:
+            attempt += 1
+            owned: list[str] = []  # every state this attempt created or kept, released in `finally`
+            try:
+                state_ids = self._create_states(starts, owned)  # a failing slice cannot leak the earlier ones
+                return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator,
+                                  seed_base, world_model_temperature, reward_threshold, policy_temperature, owned)
+            except RolloutServerError as exc:
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.capacity_retry.max_attempts:
+                    raise
+            finally:
+                self._release(owned)
+            self.num_capacity_retries += 1  # the next attempt draws other policy samples from `generator`
+            time.sleep(self.capacity_retry.backoff(attempt - 1, self._rng))
 
     def _release(self, state_ids: list[str]) -> None:
         for s in range(0, len(state_ids), max(1, self.info.max_states_per_request)):

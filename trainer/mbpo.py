@@ -216,7 +216,7 @@ class MBPOTrainer:
 
     def run_iteration(self) -> dict[str, float]:
         config = self.config
-        started = time.perf_counter()
+        started, retries_before = time.perf_counter(), self.imaginer.num_capacity_retries
         rollout_parts = []
         for s in range(0, config.num_start_states, config.states_per_wave):
             starts = self.sampler.sample(min(config.states_per_wave, config.num_start_states - s), self.rng)
@@ -235,6 +235,7 @@ class MBPOTrainer:
         stats.update({f"ppo/{k}": v for k, v in self.learner.update(batch).items()})
         stats.update({"imagine/branches": sum(p.num_branches for p in rollout_parts), "imagine/chunks": chunks,
                       "imagine/seconds": imagine_seconds, "imagine/chunks_per_second": chunks / imagine_seconds,
+                      "imagine/capacity_retries": self.imaginer.num_capacity_retries - retries_before,
                       "update/seconds": time.perf_counter() - update_started})
         return stats
 
