@@ -225,7 +225,11 @@ class Engine:
         requests = {id(seq.request): seq.request for seq in seqs if seq.request is not None}
         self.scheduler.abort(seqs)
         for request in requests.values():
-            self._fail_request(request, error)
+            if not request.future.done():
+                request.future.set_exception(error)
+        # Released after every caller has its error: a cache that the failed step left broken may raise here.
+        for request in requests.values():
+            self.release(self._unreachable_states(request))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -317,18 +321,21 @@ class Engine:
         self._fail_request(seq.request, error)
 
     def _fail_request(self, request: ImagineRequest | StatesRequest, error: BaseException) -> None:
-        """Ends a request with `error`: aborts its unfinished sequences and releases the states it already made
-        whose ids can no longer reach anyone. A failed future carries no ids: every state of a create_states, and
-        the kept states of an imagine whose results only the future delivers (with `on_result` the consumer has
-        been handed each finished result and owns its state)."""
+        """Ends a request with `error`: aborts its unfinished sequences and releases what it already made."""
         self.scheduler.abort(request.seqs)
+        if not request.future.done():
+            request.future.set_exception(error)
+        self.release(self._unreachable_states(request))
+
+    def _unreachable_states(self, request: ImagineRequest | StatesRequest) -> list[int]:
+        """The live states a failed request made whose ids can reach nobody. A failed future carries no ids: every
+        state of a create_states, and the kept states of an imagine whose results only the future delivers (with
+        `on_result` the consumer has been handed each finished result and owns its state)."""
         if isinstance(request, StatesRequest):
             made = request.state_ids
         else:
             made = [r.state_id for r in request.results if r is not None] if request.on_result is None else []
-        self.release([state_id for state_id in made if state_id in self._states])
-        if not request.future.done():
-            request.future.set_exception(error)
+        return [state_id for state_id in made if state_id in self._states]
 
     def _deliver(self, finished: list[Sequence]) -> None:
         states = [seq for seq in finished if not seq.is_branch]

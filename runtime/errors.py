@@ -7,7 +7,8 @@ Decisions (the proto's service comment is the contract):
   than the model's context, or a KV cache filled by live states (it preempts running work rather than
   fail, so only held states can exhaust it). Both are the class of an oversize request or message, which
   gRPC itself answers with RESOURCE_EXHAUSTED; the engine's message says what to shrink or release. The
-  client library never retries this code.
+  client library's calls never retry this code; the trainer's rollouts (`trainer.imagination`) start again
+  when other clients' held states fill the cache.
 - A branch from a state that already holds `max_chunks_per_branch` chunks is OUT_OF_RANGE (the server
   checks it first, so the message names the wire id): rolling past the end of the model's horizon.
 """

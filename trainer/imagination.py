@@ -8,7 +8,8 @@ every created or kept state is released before returning, also when something fa
 
 Several trainers may share one server: when its KV cache is full of states that other clients hold, a call fails
 with RESOURCE_EXHAUSTED. The rollout then releases everything it holds (which may be what blocks the others), waits
-with backoff and starts again from the same start states, a bounded number of times (`capacity_retry`).
+with backoff and starts again from the same start states, a bounded number of times (`capacity_retry`); a refusal
+it causes alone fails at once. `imagine/seconds` in the trainer's metrics includes those waits.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 from trainer.policy import VlaPolicy, make_batch
 from trainer.rollout_client import RetryPolicy, RolloutServerError, WorldModelClient
 
-# Waits while other clients' states fill the server's KV cache: 7 waits of 1, 2, 4, 8, 16, 30, 30 s (+- 20%), then fails.
+# Waits while other clients' states fill the server's KV cache: 7 waits of 1, 2, 4, 8, 16, 30, 30 s (+- 20%).
 CAPACITY_RETRY = RetryPolicy(max_attempts=8, initial_backoff=1.0, max_backoff=30.0)
+KV_EXHAUSTED = "KV cache exhausted"  # how the engine's CapacityError for a cache full of held states begins
+_BACKOFF_RNG = random.Random()  # seeded by the OS: trainers refused together do not come back together
 
 POLICY_BATCH = 1024  # rows per policy forward: bounds activation memory at M = 1024, G > 1
 
@@ -99,6 +102,7 @@ class Imaginer:
     """Runs branched rollouts over one client, splitting requests to the server's limits."""
 
     real_env_steps = 0  # the served model spends no real interaction
+    capacity_retry = CAPACITY_RETRY
     num_capacity_retries = 0  # rollouts started again after RESOURCE_EXHAUSTED, over this imaginer's life
 
     def __init__(self, client: WorldModelClient, max_parallel_requests: int = 4,
@@ -111,7 +115,6 @@ class Imaginer:
         self.max_parallel_requests = max_parallel_requests
         self.imagine_timeout = imagine_timeout
         self.capacity_retry = capacity_retry
-        self._rng = random.Random(0)
 
     def rollout(self, policy: VlaPolicy, starts: Sequence[StartState], branches_per_state: int, horizon_chunks: int,
                 generator: torch.Generator, seed_base: int, world_model_temperature: float = 1.0,
@@ -123,7 +126,7 @@ class Imaginer:
         real start state, instead of on a stream longer than it was trained on."""
         if horizon_chunks < 1:
             raise ValueError(f"horizon_chunks must be >= 1, got {horizon_chunks}")
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             attempt += 1
             owned: list[str] = []  # every state this attempt created or kept, released in `finally`
@@ -132,12 +135,25 @@ class Imaginer:
                 return self._roll(policy, starts, state_ids, branches_per_state, horizon_chunks, generator,
                                   seed_base, world_model_temperature, reward_threshold, policy_temperature, owned)
             except RolloutServerError as exc:
-                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.capacity_retry.max_attempts:
-                    raise
+                if attempt >= self.capacity_retry.max_attempts or not self._others_fill_the_cache(exc, len(owned)):
+                    if attempt == 1:
+                        raise
+                    raise RolloutServerError(exc.method, exc.code, f"{exc.details} (the rollout gave up after "
+                                             f"{attempt} attempts and {waited:.0f} s of waiting for other clients' "
+                                             "states)", attempt) from None
             finally:
                 self._release(owned)
             self.num_capacity_retries += 1  # the next attempt draws other policy samples from `generator`
-            time.sleep(self.capacity_retry.backoff(attempt - 1, self._rng))
+            wait = self.capacity_retry.backoff(attempt - 1, _BACKOFF_RNG)
+            waited += wait
+            time.sleep(wait)
+
+    def _others_fill_the_cache(self, exc: RolloutServerError, num_owned: int) -> bool:
+        """Whether waiting can help: the KV cache is full and other clients hold states in it. A refusal this
+        rollout causes alone (too large for the cache, the per-client state limit, an oversize message) fails now."""
+        if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or not exc.details.startswith(KV_EXHAUSTED):
+            return False
+        return self.client.stats().live_states > num_owned
 
     def _release(self, state_ids: list[str]) -> None:
         for s in range(0, len(state_ids), max(1, self.info.max_states_per_request)):

@@ -146,6 +146,18 @@ def test_create_states_that_runs_out_of_blocks_releases_the_states_it_made(tiny_
     assert engine.stats().kv_blocks_used == 0
 
 
+def test_fail_all_releases_the_states_a_create_states_had_made(tiny_checkpoint, tiny_layout):
+    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=40)  # one 34-token prefill per step
+    request = engine.add_states([start_state(tiny_layout, 5), start_state(tiny_layout, 6)])
+    engine.step()
+    assert request.state_ids[0] >= 0 and request.state_ids[1] == -1  # the first state is made, the second waits
+    engine.fail_all(RuntimeError("the engine was closed"))
+    with pytest.raises(RuntimeError, match="the engine was closed"):
+        request.future.result()
+    stats = engine.stats()
+    assert (stats.live_states, stats.kv_blocks_used, stats.queue_depth) == (0, 0, 0)
+
+
 def test_imagine_that_runs_out_of_blocks_releases_the_states_it_kept(tiny_checkpoint, tiny_layout):
     engine = make_engine(tiny_checkpoint, num_kv_blocks=30, max_num_batched_tokens=64)
     (state,) = engine.create_states([start_state(tiny_layout, 5)])  # 9 blocks

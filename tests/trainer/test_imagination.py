@@ -88,12 +88,27 @@ def test_the_last_attempt_raises_and_leaves_nothing_of_the_rollout_behind(server
         imaginer = Imaginer(client, capacity_retry=RetryPolicy(max_attempts=2, initial_backoff=0.01,
                                                                max_backoff=0.01))
         try:
-            with pytest.raises(RolloutServerError, match="KV cache exhausted: 62 of 64 blocks are held by 10 live "
-                                                         "states and a 113-token stream does not fit") as failure:
+            with pytest.raises(RolloutServerError, match=r"KV cache exhausted: 62 of 64 blocks are held by 10 live "
+                               r"states and a 113-token stream does not fit; .* \(the rollout gave up after 2 "
+                               r"attempts and 0 s of waiting for other clients' states\)") as failure:
                 roll(imaginer)
             stats = client.stats()
         finally:
             holder.release(list(held))
-    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (failure.value.code, failure.value.attempts) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 2)
     assert imaginer.num_capacity_retries == 1
     assert (stats.live_states, stats.kv_blocks_used) == (4, 24)  # the holder's: each attempt released its own
+
+
+def test_a_rollout_too_large_for_the_cache_alone_fails_at_once(server):
+    starts = start_states() * 2  # 4 start states, 2 branches each: more kept states than 64 blocks hold
+    with WorldModelClient(server.target, client_id="trainer") as client:
+        imaginer = Imaginer(client)
+        with pytest.raises(RolloutServerError, match=r"KV cache exhausted: .* blocks are held by \d+ live states and "
+                                                     r"a \d+-token stream does not fit; release states or raise "
+                                                     r"num_kv_blocks$") as failure:
+            imaginer.rollout(VlaPolicy(POLICY), starts, branches_per_state=2, horizon_chunks=2,
+                             generator=torch.Generator().manual_seed(0), seed_base=0, reward_threshold=1.1)
+        stats = client.stats()
+    assert (failure.value.attempts, imaginer.num_capacity_retries) == (1, 0)
+    assert (stats.live_states, stats.kv_blocks_used) == (0, 0)
