@@ -7,16 +7,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from served_fixtures import write_tiny_world_model
 
-from engine.checkpoint import layout_for_tokenizer, write_random_checkpoint
-from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from trainer.config import PolicyConfig
 from trainer.imagination import Imaginer, StartState
 from trainer.policy import VlaPolicy
 from trainer.rollout_client import RetryPolicy, RolloutServerError, WorldModelClient
 from trainer.server_process import ServerProcess
 
-TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(4, 4), stage_channels=(32, 32))  # 16 tokens per view
 POLICY = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16, text_feature_dim=8,
                       text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, action_dim=4, num_bins=5)
 # Block size 8: a start state takes 7 blocks, each kept chunk 6 more. The rollout below (2 start states, 2 branches
@@ -28,13 +26,7 @@ KV_ARGS = ["--engine-num-kv-blocks", "64", "--engine-block-size", "8"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    layout = layout_for_tokenizer(TOKENIZER, views=("head", "wrist"), chunk_size=2, action_dim=4,
-                                  action_low=(-1.0,) * 4, action_high=(1.0,) * 4, max_chunks_per_branch=3,
-                                  max_instruction_bytes=32)
-    checkpoint = write_random_checkpoint(root / "ckpt", layout, hidden_size=32, num_layers=2, num_heads=2,
-                                         num_kv_heads=1, intermediate_size=64, seed=0,
-                                         tokenizer=ImageTokenizer.random(TOKENIZER, seed=0))
-    with ServerProcess(checkpoint, root / "server.log", KV_ARGS) as process:
+    with ServerProcess(write_tiny_world_model(root / "ckpt"), root / "server.log", KV_ARGS) as process:
         yield process
 
 

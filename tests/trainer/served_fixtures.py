@@ -1,0 +1,17 @@
+"""The tiny world-model checkpoint the trainer tests serve with a real `vla-mbpo serve` (imported by name)."""
+
+from pathlib import Path
+
+from engine.checkpoint import layout_for_tokenizer, write_random_checkpoint
+from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
+
+TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(4, 4), stage_channels=(32, 32))  # 16 tokens per view
+
+
+def write_tiny_world_model(path: Path) -> Path:
+    """16x16 views (head, wrist), chunks of 2 x 4 actions in [-1, 1], a window of 3 chunks, random weights."""
+    layout = layout_for_tokenizer(TOKENIZER, views=("head", "wrist"), chunk_size=2, action_dim=4,
+                                  action_low=(-1.0,) * 4, action_high=(1.0,) * 4, max_chunks_per_branch=3,
+                                  max_instruction_bytes=32)
+    return write_random_checkpoint(path, layout, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=64, seed=0, tokenizer=ImageTokenizer.random(TOKENIZER, seed=0))
