@@ -7,16 +7,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from served_fixtures import write_tiny_world_model
+from served_fixtures import TINY_POLICY, write_tiny_world_model
 
-from trainer.config import PolicyConfig
 from trainer.imagination import Imaginer, StartState
 from trainer.policy import VlaPolicy
 from trainer.rollout_client import RetryPolicy, RolloutServerError, WorldModelClient
 from trainer.server_process import ServerProcess
 
-POLICY = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16, text_feature_dim=8,
-                      text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, action_dim=4, num_bins=5)
 # Block size 8: a start state takes 7 blocks, each kept chunk 6 more. The rollout below (2 start states, 2 branches
 # each, 2 chunks) fits in 64 blocks alone; beside 4 states held by another client (24 blocks: their instructions
 # share a prefix block) its second chunk does not: the server fails that Imagine with RESOURCE_EXHAUSTED.
@@ -56,8 +53,8 @@ def hold_four_states(holder: WorldModelClient) -> tuple[str, ...]:
     return tuple(holder.create_states([f"hold {i}" for i in range(4)], [observation(10 + i) for i in range(4)]))
 
 
-def roll(imaginer: Imaginer):
-    return imaginer.rollout(VlaPolicy(POLICY), start_states(), branches_per_state=2, horizon_chunks=2,
+def roll(imaginer: Imaginer, starts: list[StartState] | None = None):
+    return imaginer.rollout(VlaPolicy(TINY_POLICY), starts or start_states(), branches_per_state=2, horizon_chunks=2,
                             generator=torch.Generator().manual_seed(0), seed_base=0, reward_threshold=1.1)
 
 
@@ -99,8 +96,7 @@ def test_a_rollout_too_large_for_the_cache_alone_fails_at_once(server):
         with pytest.raises(RolloutServerError, match=r"KV cache exhausted: .* blocks are held by \d+ live states and "
                                                      r"a \d+-token stream does not fit; release states or raise "
                                                      r"num_kv_blocks$") as failure:
-            imaginer.rollout(VlaPolicy(POLICY), starts, branches_per_state=2, horizon_chunks=2,
-                             generator=torch.Generator().manual_seed(0), seed_base=0, reward_threshold=1.1)
+            roll(imaginer, starts)
         stats = client.stats()
     assert (failure.value.attempts, imaginer.num_capacity_retries) == (1, 0)
     assert (stats.live_states, stats.kv_blocks_used) == (0, 0)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from served_fixtures import write_tiny_world_model
+from served_fixtures import TINY_POLICY, write_tiny_world_model
 
-from trainer.config import ConfigError, MBPOConfig, PolicyConfig, PPOConfig
+from trainer.config import ConfigError, MBPOConfig, PPOConfig
 from trainer.data import DatasetMeta, Episode, EpisodeWriter
 from trainer.imagination import ImaginedRollouts, Imaginer
 from trainer.mbpo import MBPOTrainer, StartStateSampler, main, pool_wave_stats, rollouts_to_batch
@@ -15,8 +15,7 @@ from trainer.policy import VlaPolicy, load_policy, save_policy
 from trainer.rollout_client import RolloutServerError, WorldModelClient
 from trainer.server_process import ServerProcess
 
-TINY = PolicyConfig(conv_channels=(4, 8), image_size=16, hidden_dim=32, image_feature_dim=16, text_feature_dim=8,
-                    text_embed_dim=8, critic_hidden_dim=8, chunk_size=2, action_dim=4, num_bins=5)
+TINY = TINY_POLICY
 LENGTHS = (3, 5, 4)
 INSTRUCTIONS = ("lift the cube", "push the ball", "put the box in the bin")
 
