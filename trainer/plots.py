@@ -2,12 +2,14 @@
 
 Each method is a list of runs (seeds) whose metrics.jsonl carry `iteration`, `real_env_steps` and, where
 evaluated, `real/success_mean`; seeds are averaged at equal iterations and the spread (min..max) is shaded.
-`vla-mbpo report` draws them beside its results table.
+`vla-mbpo report` draws them beside its results table; from evaluations of saved policies at several
+iterations (`report --eval-file`) it draws success vs iteration with `plot_evaluated_iterations`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,20 @@ def aggregate(runs: list[dict[int, tuple[float, float]]]) -> tuple[np.ndarray, n
     return xs.mean(0), ys.mean(0), ys.min(0), ys.max(0)
 
 
+@dataclass(frozen=True)
+class EvaluatedCurve:
+    """One method's real success (fractions) at each evaluated iteration, over its seeds."""
+
+    iterations: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    seeds: int
+
+
 def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success: float | None = None) -> list[Path]:
     """Writes success_vs_iteration.png and success_vs_real_steps.png into out_dir; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for x_key, x_label, name in (("iteration", "training iteration", "success_vs_iteration.png"),
@@ -57,15 +66,50 @@ def plot_learning_curves(runs: dict[str, list[Path]], out_dir: Path, sft_success
             ax.plot(x, mean, marker="o", label=label + seeds)
             if len(paths) > 1:
                 ax.fill_between(x, low, high, alpha=0.2)
-        if sft_success is not None:
-            ax.axhline(100.0 * sft_success, color="grey", linestyle="--", label="SFT")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("real success, mean over task families (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        written.append(out_dir / name)
+        written.append(_save(plt, fig, ax, x_label, sft_success, out_dir / name))
     return written
+
+
+def plot_evaluated_iterations(curves: dict[str, EvaluatedCurve], references: dict[str, float], out_dir: Path,
+                              sft_success: float | None = None, rule: str = "") -> Path:
+    """success_vs_iteration.png from evaluations of saved policies (`report --eval-file`): each curve is one
+    method's seeds evaluated at several iterations (mean, min..max shaded), each reference a method evaluated
+    once (online PPO at its real steps) drawn as a horizontal line. Fractions in, percent drawn."""
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, c in curves.items():
+        seeds = f" ({c.seeds} seeds)" if c.seeds > 1 else ""
+        line, = ax.plot(c.iterations, 100.0 * np.asarray(c.mean), marker="o", label=label + seeds)
+        if c.seeds > 1:
+            ax.fill_between(c.iterations, 100.0 * np.asarray(c.low), 100.0 * np.asarray(c.high), alpha=0.2,
+                            color=line.get_color())
+    for (label, success), style in zip(references.items(), ("-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))) * 4,
+                                       strict=False):
+        ax.axhline(100.0 * success, color="black", linestyle=style, linewidth=1.0, label=label)
+    if rule:
+        ax.set_title(f"actions at evaluation: {rule}", fontsize=9)
+    return _save(plt, fig, ax, "training iteration", sft_success, out_dir / "success_vs_iteration.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, ax, x_label: str, sft_success: float | None, path: Path) -> Path:
+    if sft_success is not None:
+        ax.axhline(100.0 * sft_success, color="grey", linestyle="--", label="SFT")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("real success, mean over task families (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

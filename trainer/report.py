@@ -10,8 +10,9 @@ steps spent. Every run of one report must follow one action rule (the mode, or s
 a table that mixes them is refused, naming the runs of each rule. From `--eval-file` tables whose baseline
 (`--sft-label`) is one run evaluated on the same episodes, each method also gets its paired difference to it
 (`trainer.paired_comparison`), unless their files record different machines (`trainer.machine`: then n/a,
-with the machines in results.json). Writes OUT/results.json, OUT/results.md and, for training runs, the learning
-curves.
+with the machines in results.json); a method given one directory per (seed, iteration), its policies saved at
+several iterations, gets a row per iteration and a curve of success vs iteration. Writes OUT/results.json,
+OUT/results.md and the learning curves.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from pathlib import Path
 
 from trainer.config import format_action_rule
 from trainer.paired_comparison import other_machines, paired_difference, read_episode_outcomes, read_machine
-from trainer.plots import EVAL_TEMPERATURE_KEY, SUCCESS_KEY, plot_learning_curves, read_metrics
+from trainer.plots import (
+    EVAL_TEMPERATURE_KEY,
+    SUCCESS_KEY,
+    EvaluatedCurve,
+    plot_evaluated_iterations,
+    plot_learning_curves,
+    read_metrics,
+)
 
 FAMILY_PREFIX = "real/success_"
 METRICS_FILE = "metrics.jsonl"
@@ -177,11 +185,15 @@ def add_paired_differences(summary: dict[str, dict], runs: dict[str, list[Path]]
 def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | None = None,
                  eval_file: str | None = None) -> dict[str, dict]:
     """Reads every run, writes results.json/results.md and the learning curves; returns the summary.
-    With `eval_file` the table comes from that file of every run and no curves are drawn (the in-training
-    evaluations they plot may follow another rule); a single `sft_label` run there is the baseline of the
-    paired differences."""
+    With `eval_file` the table comes from that file of every run and the in-training curves are not drawn
+    (their evaluations may follow another rule); a single `sft_label` run there is the baseline of the paired
+    differences, and a method whose directories hold policies saved at several iterations (seeds continued
+    with --resume) gets a row per iteration, "LABEL, N it.", and a curve in success_vs_iteration.png."""
     results = {label: [read_run(d, eval_file) for d in dirs] for label, dirs in runs.items()}
     rule = check_one_action_rule([r for rs in results.values() for r in rs])
+    series: dict[str, list[str]] = {}
+    if eval_file is not None:
+        runs, results, series = rows_per_iteration(runs, results)
     summary = {label: method_summary(rs) for label, rs in results.items()}
     if eval_file is not None and sft_label in runs and len(runs[sft_label]) == 1:
         add_paired_differences(summary, runs, sft_label, eval_file)
@@ -194,7 +206,55 @@ def build_report(runs: dict[str, list[Path]], out_dir: Path, sft_label: str | No
     sft = summary[sft_label]["success"]["mean"] if sft_label in summary else None
     if curves:
         plot_learning_curves(curves, out_dir, sft)
+    if series:
+        plot_evaluated_iterations(evaluated_curves(summary, series), reference_lines(summary, series, sft_label),
+                                  out_dir, sft, rule)
     return summary
+
+
+def rows_per_iteration(runs: dict[str, list[Path]], results: dict[str, list[RunResult]]
+                       ) -> tuple[dict[str, list[Path]], dict[str, list[RunResult]], dict[str, list[str]]]:
+    """Splits every method whose runs were trained to more than one iteration into one row per iteration,
+    labelled "LABEL, N it."; returns the new runs and results and, per split method, its rows in order."""
+    new_runs: dict[str, list[Path]] = {}
+    new_results: dict[str, list[RunResult]] = {}
+    series: dict[str, list[str]] = {}
+    for label, rs in results.items():
+        iterations = sorted({r.iteration for r in rs if r.iteration is not None})
+        if len(iterations) < 2 or any(r.iteration is None for r in rs):
+            new_runs[label], new_results[label] = runs[label], rs
+            continue
+        series[label] = [f"{label}, {it} it." for it in iterations]
+        for it, row in zip(iterations, series[label], strict=True):
+            new_runs[row] = [d for d, r in zip(runs[label], rs, strict=True) if r.iteration == it]
+            new_results[row] = [r for r in rs if r.iteration == it]
+    return new_runs, new_results, series
+
+
+def evaluated_curves(summary: dict[str, dict], series: dict[str, list[str]]) -> dict[str, EvaluatedCurve]:
+    """Per split method, its rows' success (mean, min, max over seeds) against their iteration."""
+    curves = {}
+    for label, rows in series.items():
+        success = [summary[row]["success"] for row in rows]
+        curves[label] = EvaluatedCurve(iterations=[summary[row]["runs"][0]["iteration"] for row in rows],
+                                       mean=[s["mean"] for s in success], low=[s["min"] for s in success],
+                                       high=[s["max"] for s in success],
+                                       seeds=min(summary[row]["seeds"] for row in rows))
+    return curves
+
+
+def reference_lines(summary: dict[str, dict], series: dict[str, list[str]], sft_label: str | None
+                    ) -> dict[str, float]:
+    """The methods evaluated once (not split, not the SFT baseline): label with its real steps -> mean success."""
+    rows = {row for rs in series.values() for row in rs}
+    lines = {}
+    for label, m in summary.items():
+        if label in rows or label == sft_label:
+            continue
+        steps = f", {round(statistics.fmean(m['real_env_steps'])):,} real steps" if m["real_env_steps"] else ""
+        seeds = f" ({m['seeds']} seeds)" if m["seeds"] > 1 else ""
+        lines[f"{label}{seeds}{steps}"] = m["success"]["mean"]
+    return lines
 
 
 def main(argv: list[str]) -> int:

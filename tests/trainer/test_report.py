@@ -134,3 +134,40 @@ def test_learning_curves_average_seeds_at_shared_iterations():
                {"iteration": 1, "real_env_steps": 900},
                {"iteration": 2, "real_env_steps": 2000, "real/success_mean": 0.5}]
     assert success_points(records, "real_env_steps") == {0: (0.0, 25.0), 2: (2000.0, 50.0)}
+
+
+def write_saved_policy(path, iteration, rate, steps=25_730):
+    """A training run stopped at `iteration` (its metrics' last record) and its policy evaluated into eval_t.json."""
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text(json.dumps({"iteration": iteration, "real_env_steps": steps}) + "\n")
+    write_evaluation(path / "eval_t.json", rate, "sampled T=0.5")
+    return path
+
+
+def test_report_gives_a_method_saved_at_several_iterations_a_row_and_a_point_each(tmp_path):
+    """--eval-file with seeds continued to 12 and 24 iterations under one label: a row per iteration, a curve of
+    them against iteration, the methods evaluated once as horizontal lines; SFT is neither."""
+    sft = write_sft_eval(tmp_path / "sft", {"lift": 0.3, "push": 0.3, "place": 0.3})
+    write_evaluation(sft / "eval_t.json", 0.3, "sampled T=0.5")
+    mbpo = [write_saved_policy(tmp_path / f"m{it}_s{s}", it, rate)
+            for it, rates in ((24, (0.5, 0.6)), (12, (0.4, 0.3))) for s, rate in enumerate(rates)]
+    ppo = [write_saved_policy(tmp_path / f"ppo{s}", 7, rate, steps) for s, (rate, steps) in
+           enumerate(((0.4, 25_729), (0.5, 25_783)))]
+    runs = {"SFT": [sft], "VLA-MBPO": mbpo, "PPO": ppo}
+    summary = report.build_report(runs, tmp_path / "out", sft_label="SFT", eval_file="eval_t.json")
+    assert list(summary) == ["SFT", "VLA-MBPO, 12 it.", "VLA-MBPO, 24 it.", "PPO"]
+    assert [r["run_dir"] for r in summary["VLA-MBPO, 12 it."]["runs"]] == [str(tmp_path / "m12_s0"),
+                                                                          str(tmp_path / "m12_s1")]
+    assert summary["VLA-MBPO, 24 it."]["success"] == {"mean": pytest.approx(0.55), "std": pytest.approx(0.0707107),
+                                                      "min": 0.5, "max": 0.6}
+    series = {"VLA-MBPO": ["VLA-MBPO, 12 it.", "VLA-MBPO, 24 it."]}
+    curve = report.evaluated_curves(summary, series)["VLA-MBPO"]
+    assert (curve.iterations, curve.low, curve.high, curve.seeds) == ([12, 24], [0.3, 0.5], [0.4, 0.6], 2)
+    assert curve.mean == [pytest.approx(0.35), pytest.approx(0.55)]
+    assert report.reference_lines(summary, series, "SFT") == {"PPO (2 seeds), 25,756 real steps": 0.45}
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[3] == "| VLA-MBPO, 12 it. | 2 | 35.0 +- 7.1 (30.0..40.0) | 35.0 | 35.0 | 35.0 | 40.0 / 30.0 | 25730 |"
+    assert (tmp_path / "out" / "success_vs_iteration.png").stat().st_size > 1000
+    assert not (tmp_path / "out" / "success_vs_real_steps.png").exists()
+    mixed = {"SFT": [sft], "one": [mbpo[0], sft]}  # a policy without iteration beside a trained one: not split
+    assert list(report.build_report(mixed, tmp_path / "mixed", eval_file="eval_t.json")) == ["SFT", "one"]
