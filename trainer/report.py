@@ -225,6 +225,10 @@ def rows_per_iteration(runs: dict[str, list[Path]], results: dict[str, list[RunR
             new_runs[label], new_results[label] = runs[label], rs
             continue
         series[label] = [f"{label}, {it} it." for it in iterations]
+        taken = sorted(set(series[label]) & set(results))
+        if taken:
+            raise ReportError(f"method {label!r} was saved at iterations {iterations}, so it gets rows "
+                              f"{series[label]}, but {taken} is already another method's label; rename one")
         for it, row in zip(iterations, series[label], strict=True):
             new_runs[row] = [d for d, r in zip(runs[label], rs, strict=True) if r.iteration == it]
             new_results[row] = [r for r in rs if r.iteration == it]
@@ -251,7 +255,8 @@ def reference_lines(summary: dict[str, dict], series: dict[str, list[str]], sft_
     for label, m in summary.items():
         if label in rows or label == sft_label:
             continue
-        steps = f", {round(statistics.fmean(m['real_env_steps'])):,} real steps" if m["real_env_steps"] else ""
+        counts = [r["real_env_steps"] for r in m["runs"] if r["real_env_steps"] is not None]
+        steps = f", {round(statistics.fmean(counts)):,} real steps" if counts else ""
         seeds = f" ({m['seeds']} seeds)" if m["seeds"] > 1 else ""
         lines[f"{label}{seeds}{steps}"] = m["success"]["mean"]
     return lines

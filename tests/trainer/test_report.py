@@ -171,3 +171,7 @@ def test_report_gives_a_method_saved_at_several_iterations_a_row_and_a_point_eac
     assert not (tmp_path / "out" / "success_vs_real_steps.png").exists()
     mixed = {"SFT": [sft], "one": [mbpo[0], sft]}  # a policy without iteration beside a trained one: not split
     assert list(report.build_report(mixed, tmp_path / "mixed", eval_file="eval_t.json")) == ["SFT", "one"]
+    clash = {"VLA-MBPO": mbpo, "VLA-MBPO, 12 it.": ppo}
+    rows = r"rows \['VLA-MBPO, 12 it.', 'VLA-MBPO, 24 it.'\], but \['VLA-MBPO, 12 it.'\] is already another method's"
+    with pytest.raises(report.ReportError, match=rows):
+        report.build_report(clash, tmp_path / "clash", eval_file="eval_t.json")
