@@ -8,6 +8,7 @@ iterations (`report --eval-file`) it draws success vs iteration with `plot_evalu
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 SUCCESS_KEY = "real/success_mean"
 EVAL_TEMPERATURE_KEY = "real/eval_temperature"  # in the record of a sampled in-training evaluation only
+REFERENCE_STYLES = ("-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)))  # line styles of the methods evaluated once
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -84,8 +86,7 @@ def plot_evaluated_iterations(curves: dict[str, EvaluatedCurve], references: dic
         if c.seeds > 1:
             ax.fill_between(c.iterations, 100.0 * np.asarray(c.low), 100.0 * np.asarray(c.high), alpha=0.2,
                             color=line.get_color())
-    for (label, success), style in zip(references.items(), ("-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))) * 4,
-                                       strict=False):
+    for (label, success), style in zip(references.items(), itertools.cycle(REFERENCE_STYLES)):
         ax.axhline(100.0 * success, color="black", linestyle=style, linewidth=1.0, label=label)
     if rule:
         ax.set_title(f"actions at evaluation: {rule}", fontsize=9)

@@ -230,8 +230,8 @@ def rows_per_iteration(runs: dict[str, list[Path]], results: dict[str, list[RunR
             raise ReportError(f"method {label!r} was saved at iterations {iterations}, so it gets rows "
                               f"{series[label]}, but {taken} is already another method's label; rename one")
         for it, row in zip(iterations, series[label], strict=True):
-            new_runs[row] = [d for d, r in zip(runs[label], rs, strict=True) if r.iteration == it]
             new_results[row] = [r for r in rs if r.iteration == it]
+            new_runs[row] = [Path(r.run_dir) for r in new_results[row]]
     return new_runs, new_results, series
 
 
