@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from engine.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, images_to_unit
 from trainer.image_metrics import finite_mean, psnr_per_image, ssim_per_image
+from trainer.precision import PRECISIONS, precision_problem, uses_bf16_autocast
 from trainer.world_model_data import episode_frames, load_recorded_episodes, split_episode_ids
 
 VIEWS = ("head", "wrist")
@@ -49,9 +50,12 @@ class TokenizerTrainConfig:
     save_every: int = 500
     resume: bool = False
     save_dtype: str = "float16"  # storage of the shipped weights; the world model is trained on codes of these
+    precision: str = "auto"  # trainer/precision.py: bfloat16 autocast where native (CUDA, AVX512-BF16), else float32
 
     def __post_init__(self) -> None:
         problems = []
+        if precision_problem(self.precision):
+            problems.append(precision_problem(self.precision))
         for name in ("steps", "batch_size", "max_val_frames_per_view", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
@@ -115,6 +119,8 @@ def train_tokenizer(config: TokenizerTrainConfig, episodes: Sequence) -> dict:
                   for view, images in val_frames.items()}
 
     model = ImageTokenizer.random(config.tokenizer, config.seed).to(device)
+    if device.type == "cpu":  # oneDNN's convolutions: ~1.4x faster channels-last here, float32 and bf16
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99))
     state_path, metrics_path = work_dir / "train_state.pt", work_dir / "metrics.jsonl"
     step = 0
@@ -127,7 +133,7 @@ def train_tokenizer(config: TokenizerTrainConfig, episodes: Sequence) -> dict:
     elif metrics_path.exists():
         metrics_path.unlink()
     train_frames = train_frames.to(device)
-    use_bf16 = device.type == "cuda"
+    use_bf16 = uses_bf16_autocast(config.precision, device)
     started = time.perf_counter()
     model.train()
     progress = tqdm(total=config.steps, initial=step, desc="tokenizer", leave=False)
@@ -162,7 +168,7 @@ def train_tokenizer(config: TokenizerTrainConfig, episodes: Sequence) -> dict:
     model.save_pretrained(config.out_dir, dtype=getattr(torch, config.save_dtype))
     # Report what ships: the stored (possibly half-precision) weights, not the in-memory ones.
     model = ImageTokenizer.from_pretrained(config.out_dir, device=device)
-    summary = {"train_seconds": train_seconds, "device": str(device), "steps": config.steps,
+    summary = {"train_seconds": train_seconds, "device": str(device), "bf16_autocast": use_bf16, "steps": config.steps,
                "num_train_frames": len(train_frames), "num_val_episodes": len(val_ids),
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "codebook_size": config.tokenizer.codebook_size, "tokens_per_view": config.tokenizer.tokens_per_view,
@@ -187,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--res-blocks-per-stage", type=int, default=shape.res_blocks_per_stage)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
+                        help="auto: bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32")
     parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/train_state.pt")
     return parser
 
@@ -197,7 +205,7 @@ def main(argv: list[str]) -> int:
                                  res_blocks_per_stage=args.res_blocks_per_stage)
     config = TokenizerTrainConfig(out_dir=args.out, data_dir=args.data, work_dir=args.work_dir, tokenizer=shape,
                                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                  device=args.device, resume=args.resume)
+                                  device=args.device, resume=args.resume, precision=args.precision)
     summary = train_tokenizer(config, load_recorded_episodes(config.data_dir))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0

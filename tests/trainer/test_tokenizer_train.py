@@ -30,13 +30,15 @@ def test_collect_frames_stacks_every_view():
     assert torch.equal(frames["wrist"][6:], torch.from_numpy(episodes[1].wrist))
 
 
-def test_training_improves_held_out_reconstruction(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_improves_held_out_reconstruction(tmp_path, precision):
     episodes = synthetic_episodes(10, steps=12)
     config = TokenizerTrainConfig(out_dir=str(tmp_path / "tok"), data_dir="unused", work_dir=str(tmp_path / "work"),
                                   tokenizer=TINY, steps=60, batch_size=16, lr=3e-3, warmup_steps=5, val_every=5,
-                                  log_every=20, save_every=30)
+                                  log_every=20, save_every=30, precision=precision)
     untrained = reconstruction_metrics(ImageTokenizer.random(TINY, 0), collect_frames([episodes[4], episodes[9]]))
     summary = train_tokenizer(config, episodes)
+    assert summary["bf16_autocast"] is (precision == "bfloat16")
     assert (summary["num_val_episodes"], summary["num_train_frames"]) == (2, 8 * 13 * 2)
     assert summary["val_head_psnr"] > untrained["head_psnr"] + 3
     assert summary["val_wrist_psnr"] > untrained["wrist_psnr"] + 3

@@ -135,6 +135,15 @@ def test_resume_reproduces_an_uninterrupted_run(prepared):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_precision_picks_the_autocast_and_both_train_the_same_model(prepared):
+    runs = {p: train(config_for(prepared, p, steps=8, precision=p)) for p in ("float32", "bfloat16")}
+    assert [runs[p]["bf16_autocast"] for p in ("float32", "bfloat16")] == [False, True]
+    assert runs["bfloat16"]["config"]["precision"] == "bfloat16"
+    # Same seed, data and steps: bfloat16 matmuls move the losses a little, not the training.
+    assert runs["bfloat16"]["val_image_loss"] != runs["float32"]["val_image_loss"]
+    assert runs["bfloat16"]["val_image_loss"] == pytest.approx(runs["float32"]["val_image_loss"], rel=0.02)
+
+
 def test_independent_views_hide_the_head_block_from_the_wrist(prepared):
     train(config_for(prepared, "noivd", steps=4, independent_views=True))
     model = LlamaForCausalLM.from_pretrained(prepared / "noivd" / "ckpt" / "world_model").eval()
