@@ -52,6 +52,9 @@ class EvalConfig:
     val_every: int = 10
     seed: int = 0
     device: str = "cpu"
+    # Also roll out with the real next head frame in place of the imagined one and score the wrist decoded after
+    # it: how much the wrist's prediction leans on its head block (what interleaved view decoding can buy).
+    real_head: bool = False
 
     def __post_init__(self) -> None:
         if min(self.num_windows, self.batch_size, self.num_chunks) <= 0:
@@ -82,6 +85,33 @@ def window_arrays(episode: TokenizedEpisode, frames: np.ndarray, start: int, chu
     steps = np.minimum(start + chunk_size * np.arange(num_chunks + 1), episode.num_steps)
     valid = np.arange(1, num_chunks + 1) <= available
     return (actions.reshape(num_chunks, chunk_size, -1), frames[steps], episode.success[steps[1:]] & valid, valid)
+
+
+def next_observation_codes(episode: TokenizedEpisode, start: int, chunk_size: int, num_chunks: int) -> np.ndarray:
+    """Real codes [n, V, N] of the observation after each chunk of a window (past the end: the last frame, as in
+    window_arrays; never scored)."""
+    steps = np.minimum(start + chunk_size * np.arange(1, num_chunks + 1), episode.num_steps)
+    return episode.codes[steps]
+
+
+def rollout_in_batches(imaginer: GreedyImaginer, prefixes: Sequence[np.ndarray], actions: np.ndarray, batch_size: int,
+                       given_view: int | None = None, given_codes: np.ndarray | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy rollouts of every window, batch by batch: codes [W, n, V, N] and success answers [W, n]."""
+    codes, answers = [], []
+    for start in range(0, len(prefixes), batch_size):
+        part = slice(start, start + batch_size)
+        result = imaginer.rollout(prefixes[part], actions[part], given_view,
+                                  None if given_codes is None else given_codes[part])
+        codes.append(result.codes)
+        answers.append(result.success)
+    return np.concatenate(codes), np.concatenate(answers)
+
+
+def decode_views(tokenizer: ImageTokenizer, codes: np.ndarray) -> torch.Tensor:
+    """Codes [..., N] -> uint8 frames [..., H, W, 3] on the CPU."""
+    frames = tokenizer.decode(torch.from_numpy(codes.reshape(-1, codes.shape[-1]))).cpu()
+    return frames.reshape(*codes.shape[:-1], *frames.shape[1:])
 
 
 @torch.no_grad()
@@ -141,18 +171,17 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
     per_window = [window_arrays(val_tokens[e], frames[e], t, k, n) for e, t in windows]
     actions, real, labels, valid = (np.stack(parts) for parts in zip(*per_window, strict=True))
     imaginer = GreedyImaginer(model, layout, independent)
-    imagined_codes, answers = [], []
-    for start in range(0, len(windows), config.batch_size):
-        part = windows[start:start + config.batch_size]
-        prefixes = [start_prefix(layout, val_tokens[e], t) for e, t in part]
-        result = imaginer.rollout(prefixes, actions[start:start + config.batch_size])
-        imagined_codes.append(result.codes)
-        answers.append(result.success)
-    codes = np.concatenate(imagined_codes)  # [W, n, V, N]
-    success = np.concatenate(answers)  # [W, n]
-    imagined = tokenizer.decode(torch.from_numpy(codes.reshape(-1, layout.tokens_per_view))).cpu()
-    imagined = imagined.reshape(*codes.shape[:3], *imagined.shape[1:])  # [W, n, V, H, W, 3]
+    prefixes = [start_prefix(layout, val_tokens[e], t) for e, t in windows]
+    codes, success = rollout_in_batches(imaginer, prefixes, actions, config.batch_size)  # [W, n, V, N], [W, n]
+    imagined = decode_views(tokenizer, codes)  # [W, n, V, H, W, 3]
     real_t = torch.from_numpy(real)  # [W, n+1, V, H, W, 3]
+    wrist = layout.views.index("wrist")
+    wrist_given_head = None
+    if config.real_head:
+        head = layout.views.index("head")
+        real_heads = np.stack([next_observation_codes(val_tokens[e], t, k, n)[:, head] for e, t in windows])
+        given, _ = rollout_in_batches(imaginer, prefixes, actions, config.batch_size, head, real_heads)
+        wrist_given_head = decode_views(tokenizer, given[:, :, wrist])  # [W, n, H, W, 3]
     report: dict = {"checkpoint": str(checkpoint), "decoding": "greedy", "independent_views": independent,
                     "num_windows": len(windows), "num_val_episodes": len(val_ids)}
     for chunk in range(n):
@@ -165,6 +194,9 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
                 "tokenizer_ceiling": _view_metrics(target, recon),
                 "copy_start_floor": _view_metrics(target, real_t[scored, 0, v]),
             }
+        if wrist_given_head is not None:
+            report[f"chunk{chunk + 1}_wrist_given_real_head"] = _view_metrics(
+                real_t[scored, chunk + 1, wrist], wrist_given_head[scored, chunk])
         pairs = list(zip(labels[valid[:, chunk], chunk].tolist(), success[valid[:, chunk], chunk].tolist(),
                          strict=True))
         report[f"chunk{chunk + 1}_reward_balanced_accuracy"] = balanced_accuracy(pairs)
@@ -205,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-windows", type=int, default=defaults.num_windows)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--real-head", action="store_true",
+                        help="also score the wrist decoded after the real next head frame (a second rollout)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -216,6 +250,6 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     config = EvalConfig(checkpoint=args.checkpoint, data_dir=args.data, json_out=args.json, grid_png=args.grid_png,
                         num_windows=args.num_windows, batch_size=args.batch_size, seed=args.seed,
-                        device=args.device)
+                        device=args.device, real_head=args.real_head)
     print(json.dumps(evaluate(config), indent=2))
     return 0

@@ -54,8 +54,8 @@ class TokenizerTrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if precision_problem(self.precision):
-            problems.append(precision_problem(self.precision))
+        if problem := precision_problem(self.precision):
+            problems.append(problem)
         for name in ("steps", "batch_size", "max_val_frames_per_view", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

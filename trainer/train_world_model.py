@@ -130,8 +130,8 @@ class WorldModelTrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if precision_problem(self.precision):
-            problems.append(precision_problem(self.precision))
+        if problem := precision_problem(self.precision):
+            problems.append(problem)
         for name in ("steps", "batch_size", "max_chunks", "chunk_size", "num_val_streams", "log_every",
                      "save_every"):
             if getattr(self, name) <= 0:

@@ -17,7 +17,7 @@ from trainer.eval_world_model import (
     window_arrays,
 )
 from trainer.train_world_model import WorldModelArchitecture, WorldModelTrainConfig, train
-from trainer.world_model_data import independent_view_mask, save_token_cache, tokenize_episode
+from trainer.world_model_data import WorldModelDataError, independent_view_mask, save_token_cache, tokenize_episode
 from trainer.world_model_rollout import GreedyImaginer
 
 TOKENIZER = ImageTokenizerConfig(image_size=16, fsq_levels=(3, 4), stage_channels=(8, 8, 8))  # 2x2 codes per view
@@ -45,21 +45,32 @@ def checkpoint(request, tmp_path_factory):
     return root / "ckpt", request.param
 
 
-def naive_greedy(model, layout, prefix, actions, independent):
-    """Reference decoding: full recompute per sampled token, one stream at a time, no cache, no padding."""
+def naive_greedy(model, layout, prefix, actions, independent, given_head=None):
+    """Reference decoding: full recompute per sampled token, one stream at a time, no cache, no padding.
+    given_head [n, N]: each chunk's head block takes these codes instead of the argmax."""
     forced, low, high = layout.generation_plan()
+    head = slice(2, 2 + layout.tokens_per_view)  # generated positions of the head codes (after <obs> <view:head>)
     tokens = list(prefix)
-    for chunk in actions:
+    for index, chunk in enumerate(actions):
         tokens += layout.encode_actions(chunk).tolist()
         for position in range(len(forced)):
             if forced[position] >= 0:
                 tokens.append(int(forced[position]))
+                continue
+            if given_head is not None and head.start <= position < head.stop:
+                tokens.append(int(given_head[index, position - head.start]) + layout.image_offset)
                 continue
             ids = torch.tensor([tokens])
             mask = independent_view_mask(layout, ids) if independent else None
             logits = model(input_ids=ids, attention_mask=mask).logits[0, -1]
             tokens.append(int(logits[low[position]:high[position]].argmax()) + int(low[position]))
     return tokens[len(prefix):]
+
+
+def split_chunks(layout, generated):
+    """Reference tokens of n chunks -> [(codes [V, N], success)] per chunk."""
+    chunks = np.asarray(generated).reshape(-1, layout.chunk_len)[:, layout.action_len:]
+    return [layout.split_generated(chunk) for chunk in chunks]
 
 
 def test_batched_cached_rollout_matches_naive_greedy(checkpoint):
@@ -75,12 +86,33 @@ def test_batched_cached_rollout_matches_naive_greedy(checkpoint):
     with torch.no_grad():
         result = GreedyImaginer(model, layout, independent).rollout(prefixes, actions)
         for row in range(2):
-            expected = np.asarray(naive_greedy(model, layout, prefixes[row], actions[row], independent))
-            chunks = expected.reshape(2, layout.chunk_len)[:, layout.action_len:]
-            for chunk in range(2):
-                codes, success = layout.split_generated(chunks[chunk])
+            expected = split_chunks(layout, naive_greedy(model, layout, prefixes[row], actions[row], independent))
+            for chunk, (codes, success) in enumerate(expected):
                 assert np.array_equal(result.codes[row, chunk], codes)
                 assert result.success[row, chunk] == success
+
+
+def test_a_given_head_block_replaces_the_argmax_and_conditions_what_follows(checkpoint):
+    ckpt, independent = checkpoint
+    layout = TokenLayout.load(ckpt / "layout.json")
+    model = LlamaForCausalLM.from_pretrained(ckpt / "world_model").eval()
+    episode = tokenize_episode(ImageTokenizer.from_pretrained(ckpt / "tokenizer"), recorded_episodes()[0],
+                               ("head", "wrist"))
+    prefix = np.concatenate([layout.encode_instruction(episode.instruction),
+                             layout.encode_observation(episode.codes[1])])
+    actions = episode.actions[1:17].reshape(1, 2, 8, 4)
+    given = episode.codes[[9, 17], 0][None]  # [1, n, N]: the real head frames after each chunk
+    imaginer = GreedyImaginer(model, layout, independent)
+    with torch.no_grad():
+        free = imaginer.rollout([prefix], actions)
+        forced = imaginer.rollout([prefix], actions, given_view=0, given_codes=given)
+        expected = split_chunks(layout, naive_greedy(model, layout, prefix, actions[0], independent, given[0]))
+    assert np.array_equal(forced.codes[0, :, 0], given[0])
+    assert all(np.array_equal(forced.codes[0, c], expected[c][0]) for c in range(2))
+    if independent:  # chunk 1's wrist block never sees its head block
+        assert np.array_equal(forced.codes[0, 0, 1], free.codes[0, 0, 1])
+    with pytest.raises(WorldModelDataError, match="given_view and given_codes go together"):
+        imaginer.rollout([prefix], actions, given_view=0)
 
 
 def test_windows_include_every_successful_ending():
@@ -115,9 +147,22 @@ def test_evaluate_writes_report_and_grid(checkpoint, tmp_path):
     for key in ("chunk1_head", "chunk1_wrist", "chunk2_head", "chunk2_wrist"):
         assert set(report[key]) == {"psnr", "ssim", "tokenizer_ceiling", "copy_start_floor"}
         assert 0 < report[key]["psnr"] <= 100 and -1 <= report[key]["ssim"] <= 1
+    assert "chunk1_wrist_given_real_head" not in report
     grid = __import__("matplotlib.image").image.imread(tmp_path / "grid.png")
     # 3 examples x 4 rows of 16 px + 2 rules of 2 px, x 3 columns, scaled 2x
     assert grid.shape[:2] == ((3 * 4 * 16 + 2 * 2) * 2, 3 * 16 * 2)
+
+
+def test_real_head_scores_the_wrist_decoded_after_the_real_head_frame(checkpoint, tmp_path):
+    ckpt, independent = checkpoint
+    config = EvalConfig(checkpoint=str(ckpt), data_dir="unused", num_windows=4, batch_size=3, val_every=5,
+                        real_head=True)
+    report = evaluate(config, recorded_episodes())
+    for chunk in ("chunk1", "chunk2"):
+        assert set(report[f"{chunk}_wrist_given_real_head"]) == {"psnr", "ssim"}
+    if independent:  # chunk 1's wrist cannot see the head block, real or imagined
+        assert report["chunk1_wrist_given_real_head"] == {k: report["chunk1_wrist"][k] for k in ("psnr", "ssim")}
+    assert build_parser().parse_args(["--checkpoint", "c", "--data", "d", "--real-head"]).real_head
 
 
 def test_threads_option_is_a_positive_count():
