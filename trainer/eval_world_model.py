@@ -175,10 +175,9 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
     codes, success = rollout_in_batches(imaginer, prefixes, actions, config.batch_size)  # [W, n, V, N], [W, n]
     imagined = decode_views(tokenizer, codes)  # [W, n, V, H, W, 3]
     real_t = torch.from_numpy(real)  # [W, n+1, V, H, W, 3]
-    wrist = layout.views.index("wrist")
     wrist_given_head = None
     if config.real_head:
-        head = layout.views.index("head")
+        head, wrist = layout.views.index("head"), layout.views.index("wrist")
         real_heads = np.stack([next_observation_codes(val_tokens[e], t, k, n)[:, head] for e, t in windows])
         given, _ = rollout_in_batches(imaginer, prefixes, actions, config.batch_size, head, real_heads)
         wrist_given_head = decode_views(tokenizer, given[:, :, wrist])  # [W, n, H, W, 3]

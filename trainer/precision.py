@@ -36,8 +36,7 @@ def precision_problem(precision: str) -> str | None:
 
 def uses_bf16_autocast(precision: str, device: torch.device) -> bool:
     """Whether a training run on `device` with `precision` computes under bfloat16 autocast."""
-    problem = precision_problem(precision)
-    if problem:
+    if problem := precision_problem(precision):
         raise PrecisionError(problem)
     if precision != "auto":
         return precision == "bfloat16"
