@@ -36,7 +36,7 @@ DEFAULT_LAYOUT = Path(__file__).resolve().parent.parent / "checkpoints" / "defau
 
 @dataclass(frozen=True)
 class StepSetup:
-    """One precision of one model: its training step and the loss of its first call."""
+    """One precision of one model's training step: bfloat16 autocast or not, channels-last weights or not."""
 
     name: str
     bf16: bool
@@ -51,18 +51,7 @@ def tokenizer_step(setup: StepSetup, batch_size: int, seed: int) -> tuple[Callab
         model = model.to(memory_format=torch.channels_last)
     else:
         pixels = pixels.contiguous()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.bf16):
-            reconstruction, _ = model(pixels)
-        loss = F.mse_loss(reconstruction.float(), pixels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step, step()
+    return optimizer_step(model, lambda: model(pixels)[0], lambda out: F.mse_loss(out.float(), pixels), setup.bf16)
 
 
 def world_model_step(setup: StepSetup, batch_size: int, seed: int, layout: TokenLayout,
@@ -71,12 +60,20 @@ def world_model_step(setup: StepSetup, batch_size: int, seed: int, layout: Token
     model = LlamaForCausalLM(WorldModelArchitecture().llama_config(layout))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, layout.vocab_size, (batch_size, layout.max_stream_len), generator=generator)
+    return optimizer_step(model, lambda: model(input_ids=ids).logits,
+                          lambda logits: F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten()),
+                          setup.bf16)
+
+
+def optimizer_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor],
+                   loss_of: Callable[[torch.Tensor], torch.Tensor], bf16: bool) -> tuple[Callable[[], float], float]:
+    """The timed step (forward under autocast when bf16, float32 loss, backward, AdamW) and its first call's loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.bf16):
-            logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward()
+        loss = loss_of(out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

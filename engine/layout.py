@@ -214,15 +214,18 @@ class TokenLayout:
         return (np.asarray(forced, dtype=np.int64), np.asarray(low, dtype=np.int64),
                 np.asarray(high, dtype=np.int64))
 
+    def view_code_positions(self) -> np.ndarray:
+        """Index within a chunk's generated tokens of every image code: [num_views, tokens_per_view], view order
+        (each block follows <obs> and its own <view:*> marker, as generation_plan emits them)."""
+        first = 2 + np.arange(self.num_views)[:, None] * (1 + self.tokens_per_view)  # [num_views, 1]
+        return first + np.arange(self.tokens_per_view)[None, :]
+
     def split_generated(self, generated: np.ndarray) -> tuple[np.ndarray, bool]:
         """A chunk's generated tokens -> ([num_views, tokens_per_view] codes, success)."""
         generated = np.asarray(generated)
         if generated.shape != (self.generated_len,):
             raise LayoutError(f"generated chunk has {generated.shape} tokens, expected ({self.generated_len},)")
-        codes = np.stack([generated[2 + i * (1 + self.tokens_per_view):
-                                    2 + i * (1 + self.tokens_per_view) + self.tokens_per_view]
-                          for i in range(self.num_views)]) - self.image_offset
-        return codes, bool(generated[-1] == self.yes_id)
+        return generated[self.view_code_positions()] - self.image_offset, bool(generated[-1] == self.yes_id)
 
     # ---- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -75,6 +75,12 @@ def select_windows(episodes: Sequence[TokenizedEpisode], chunk_size: int, num_ch
     return picks + [p for p in positives if p not in picks]
 
 
+def window_steps(episode: TokenizedEpisode, start: int, chunk_size: int, num_chunks: int) -> np.ndarray:
+    """Frame index of a window's start and of the observation after each chunk [n+1]; past the episode's end,
+    its last frame (never scored)."""
+    return np.minimum(start + chunk_size * np.arange(num_chunks + 1), episode.num_steps)
+
+
 def window_arrays(episode: TokenizedEpisode, frames: np.ndarray, start: int, chunk_size: int, num_chunks: int,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(actions [n, k, d], real frames [n+1, V, H, W, 3], labels [n], valid [n]) of one window. Chunks past
@@ -82,16 +88,9 @@ def window_arrays(episode: TokenizedEpisode, frames: np.ndarray, start: int, chu
     available = min(num_chunks, (episode.num_steps - start) // chunk_size)
     actions = np.zeros((num_chunks * chunk_size, episode.actions.shape[1]), dtype=np.float32)
     actions[:available * chunk_size] = episode.actions[start:start + available * chunk_size]
-    steps = np.minimum(start + chunk_size * np.arange(num_chunks + 1), episode.num_steps)
+    steps = window_steps(episode, start, chunk_size, num_chunks)
     valid = np.arange(1, num_chunks + 1) <= available
     return (actions.reshape(num_chunks, chunk_size, -1), frames[steps], episode.success[steps[1:]] & valid, valid)
-
-
-def next_observation_codes(episode: TokenizedEpisode, start: int, chunk_size: int, num_chunks: int) -> np.ndarray:
-    """Real codes [n, V, N] of the observation after each chunk of a window (past the end: the last frame, as in
-    window_arrays; never scored)."""
-    steps = np.minimum(start + chunk_size * np.arange(1, num_chunks + 1), episode.num_steps)
-    return episode.codes[steps]
 
 
 def rollout_in_batches(imaginer: GreedyImaginer, prefixes: Sequence[np.ndarray], actions: np.ndarray, batch_size: int,
@@ -178,7 +177,8 @@ def evaluate(config: EvalConfig, recorded: Sequence | None = None) -> dict:
     wrist_given_head = None
     if config.real_head:
         head, wrist = layout.views.index("head"), layout.views.index("wrist")
-        real_heads = np.stack([next_observation_codes(val_tokens[e], t, k, n)[:, head] for e, t in windows])
+        real_heads = np.stack([val_tokens[e].codes[window_steps(val_tokens[e], t, k, n)[1:], head]
+                               for e, t in windows])  # [W, n, N]
         given, _ = rollout_in_batches(imaginer, prefixes, actions, config.batch_size, head, real_heads)
         wrist_given_head = decode_views(tokenizer, given[:, :, wrist])  # [W, n, H, W, 3]
     report: dict = {"checkpoint": str(checkpoint), "decoding": "greedy", "independent_views": independent,

@@ -6,7 +6,8 @@ CUDA and on CPUs with native bfloat16 instructions (AVX512-BF16 or AMX-BF16), fl
 2-core AMD EPYC (AVX512-BF16), one training step on both cores against float32 in the same run
 (`python -m benchmarks.training_precision`, benchmarks/results/training_precision_cpu.json): the image tokenizer
 (batch 64) 2.7x faster (2.6 s against 7.0 s, channels-last convolutions included), the world model (batch 8 x
-562 tokens) 1.5x (0.99 s against 1.46 s; its attention, not its GEMMs, is then most of the step); first-step
+562 tokens) 1.5x (0.99 s against 1.46 s; 1.33x on a rerun; its attention, not its GEMMs, is then most of
+the step); first-step
 losses agree to 1e-4.
 """
 

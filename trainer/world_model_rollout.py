@@ -64,16 +64,6 @@ class GreedyImaginer:
                          past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
 
-    def _view_of_positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(view index, code index) of each generated position; -1 for markers and the reward answer."""
-        forced, layout = self.plan[0], self.layout
-        view, code = np.full(len(forced), -1), np.full(len(forced), -1)
-        for v in range(layout.num_views):
-            first = 2 + v * (1 + layout.tokens_per_view)  # after <obs>, then <view:*> before each block
-            view[first:first + layout.tokens_per_view] = v
-            code[first:first + layout.tokens_per_view] = np.arange(layout.tokens_per_view)
-        return view, code
-
     @torch.no_grad()
     def rollout(self, prefixes: Sequence[np.ndarray], actions: np.ndarray, given_view: int | None = None,
                 given_codes: np.ndarray | None = None) -> Rollout:
@@ -84,8 +74,12 @@ class GreedyImaginer:
         """
         if (given_view is None) != (given_codes is None):
             raise WorldModelDataError("given_view and given_codes go together")
-        view_of, code_of = self._view_of_positions()
         layout, pad = self.layout, self.layout.special("pad")
+        given_at = {}  # generated position -> code index, for the given view's block
+        if given_view is not None:
+            given_at = {int(p): i for i, p in enumerate(layout.view_code_positions()[given_view])}
+            given_tokens = torch.from_numpy(np.asarray(given_codes, dtype=np.int64) + layout.image_offset).to(
+                self.device)  # [B, n, N]
         width = max(len(p) for p in prefixes)
         padded = np.full((len(prefixes), width), pad, dtype=np.int64)
         valid = np.zeros((len(prefixes), width), dtype=bool)
@@ -110,9 +104,8 @@ class GreedyImaginer:
                 else:
                     logits = self._forward(pending)
                     token = logits[:, low[position]:high[position]].argmax(-1, keepdim=True) + int(low[position])
-                    if given_view is not None and view_of[position] == given_view:
-                        given = given_codes[:, chunk, code_of[position]] + layout.image_offset  # [B]
-                        token = torch.from_numpy(np.asarray(given, dtype=np.int64)).to(self.device)[:, None]
+                    if position in given_at:
+                        token = given_tokens[:, chunk, given_at[position], None]
                     pending = pending[:, :0]
                 pending = torch.cat([pending, token], dim=1)
                 generated.append(token)
